@@ -1,0 +1,59 @@
+# LockN Gen persistence service. `make run` and `make test` are the quick start.
+SHELL := /bin/bash
+PYTHON_BIN ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+PORT ?= 8000
+# The suite always runs against PostgreSQL; this is the default server.
+TEST_DATABASE_URL := $(or $(DATABASE_URL),postgres://postgres@127.0.0.1:5432/postgres)
+
+.PHONY: run test lint format bench migrate superuser clean
+
+$(VENV)/bin/python:
+	$(PYTHON_BIN) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(VENV)/.runtime: requirements.txt | $(VENV)/bin/python
+	$(PY) -m pip install --quiet -r requirements.txt
+	@touch $@
+
+$(VENV)/.dev: requirements.txt requirements-dev.txt | $(VENV)/bin/python
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	@touch $@ $(VENV)/.runtime
+
+run: $(VENV)/.runtime
+	$(PY) manage.py migrate --noinput
+	@echo ""
+	@echo "  LockN Gen is starting on http://127.0.0.1:$(PORT)"
+	@echo "  API docs  http://127.0.0.1:$(PORT)/api/docs"
+	@echo "  Admin     http://127.0.0.1:$(PORT)/admin/"
+	@echo "  Health    http://127.0.0.1:$(PORT)/health/"
+	@echo ""
+	$(PY) manage.py runserver 127.0.0.1:$(PORT)
+
+test: $(VENV)/.dev
+	@DATABASE_URL='$(TEST_DATABASE_URL)' DB_CONNECT_RETRIES=0 $(PY) manage.py wait_for_db --timeout 3 >/dev/null 2>&1 || { \
+	  echo "PostgreSQL is not reachable at DATABASE_URL (default 127.0.0.1:5432): start it with 'pg_ctlcluster --skip-systemctl-redirect 15 main start' (or 'docker compose up -d postgres') or set DATABASE_URL."; exit 1; }
+	DATABASE_URL='$(TEST_DATABASE_URL)' $(PY) -m pytest $(PYTEST_ARGS)
+	@echo "== SQLite fallback smoke run (DATABASE_URL unset) =="
+	env -u DATABASE_URL -u REDIS_URL $(PY) -m pytest -m sqlite_smoke $(PYTEST_ARGS)
+
+lint: $(VENV)/.dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(VENV)/.dev
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+migrate: $(VENV)/.runtime
+	$(PY) manage.py migrate --noinput
+
+superuser: $(VENV)/.runtime
+	$(PY) manage.py createsuperuser
+
+bench: $(VENV)/.dev
+	DATABASE_URL='$(TEST_DATABASE_URL)' $(PY) -m bench
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .ruff_cache

@@ -1,0 +1,7 @@
+from django.apps import AppConfig
+
+
+class ApikeysConfig(AppConfig):
+    default_auto_field = "django.db.models.BigAutoField"
+    name = "apikeys"
+    verbose_name = "API keys"

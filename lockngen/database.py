@@ -1,0 +1,148 @@
+"""Turn the environment into Django's ``DATABASES["default"]``.
+
+Everything here is a pure function of an environment mapping so that tests can
+check every mode (direct, pool, PgBouncer, SQLite fallback) without reloading
+settings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+POSTGRES_ENGINES = {"django.db.backends.postgresql", "lockngen.db"}
+SQLITE_FALLBACK = Path("var") / "lockngen.sqlite3"
+APPLICATION_NAME = "lockngen"
+
+
+class ConfigError(ImproperlyConfigured):
+    """A configuration mistake reported to operators as one line, no traceback."""
+
+
+def env_int(
+    env: Mapping[str, str], name: str, default: int, *, minimum: int = 0
+) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def env_bool(env: Mapping[str, str], name: str, default: bool = False) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in {"1", "true", "yes", "on"}:
+        return True
+    if raw in {"0", "false", "no", "off"}:
+        return False
+    raise ConfigError(f"{name} must be a boolean (1/0, true/false), got {raw!r}")
+
+
+def redact_url(url: str) -> str:
+    """Return ``scheme://user@host:port/name`` without the password, for messages."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "<unparseable DATABASE_URL>"
+    user = f"{parts.username}@" if parts.username else ""
+    return f"{parts.scheme}://{user}{host}{port}{parts.path}"
+
+
+def connect_retry_delays(retries: int) -> list[float]:
+    """The backoff between connection attempts: 0.1 s doubling, at most 2 s."""
+    return [min(0.1 * 2**attempt, 2.0) for attempt in range(retries)]
+
+
+def database_config(
+    env: Mapping[str, str], *, production: bool, base_dir: Path
+) -> dict[str, Any]:
+    """Build ``DATABASES["default"]`` from ``env`` (see SPEC §2)."""
+    url = env.get("DATABASE_URL", "").strip()
+    if not url:
+        if production:
+            raise ConfigError(
+                "DATABASE_URL is required when LOCKNGEN_ENV=production "
+                "(e.g. postgres://lockn:secret@db:5432/lockngen)"
+            )
+        (base_dir / SQLITE_FALLBACK).parent.mkdir(parents=True, exist_ok=True)
+        return {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": str(base_dir / SQLITE_FALLBACK),
+            "OPTIONS": {"timeout": 20},
+            "FALLBACK": True,
+        }
+
+    try:
+        config: dict[str, Any] = dj_database_url.parse(url)
+    except ValueError as exc:  # message may quote the URL: never echo it
+        raise ConfigError(
+            f"DATABASE_URL is not a valid database URL ({type(exc).__name__}): "
+            f"{redact_url(url)}"
+        ) from None
+    config["CONN_HEALTH_CHECKS"] = True
+    config["FALLBACK"] = False
+    if config["ENGINE"] not in POSTGRES_ENGINES:
+        config["CONN_MAX_AGE"] = env_int(env, "DB_CONN_MAX_AGE", 300)
+        return config
+
+    config["ENGINE"] = "lockngen.db"
+    options: dict[str, Any] = config.setdefault("OPTIONS", {})
+    connect_timeout = env_int(env, "DB_CONNECT_TIMEOUT", 5, minimum=1)
+    statement_timeout_ms = env_int(env, "DB_STATEMENT_TIMEOUT_MS", 30000)
+    retries = env_int(env, "DB_CONNECT_RETRIES", 3)
+    gunicorn_timeout = env_int(env, "GUNICORN_TIMEOUT", 60, minimum=1)
+    pgbouncer = env_bool(env, "DB_PGBOUNCER")
+    pooled = env_bool(env, "DB_POOL")
+
+    options.setdefault("connect_timeout", connect_timeout)
+    options.setdefault("sslmode", env.get("DB_SSLMODE", "").strip() or "prefer")
+    options.setdefault("application_name", APPLICATION_NAME)
+    if pgbouncer:
+        # PgBouncer (transaction pooling) refuses startup parameters it does not
+        # know and cannot keep a server-side cursor across transactions: the
+        # statement timeout is set on the database role instead.
+        config["DISABLE_SERVER_SIDE_CURSORS"] = True
+    elif statement_timeout_ms:
+        options.setdefault("options", f"-c statement_timeout={statement_timeout_ms}")
+
+    if pooled:
+        threads = env_int(env, "GUNICORN_THREADS", 4, minimum=1)
+        options["pool"] = {
+            "min_size": env_int(env, "DB_POOL_MIN_SIZE", 1),
+            "max_size": env_int(env, "DB_POOL_MAX_SIZE", threads, minimum=1),
+            "max_lifetime": env_int(env, "DB_POOL_MAX_LIFETIME", 300, minimum=1),
+            "timeout": env_int(env, "DB_POOL_TIMEOUT", 10, minimum=1),
+        }
+        # Django's pool refuses persistent connections; the pool keeps them.
+        config["CONN_MAX_AGE"] = 0
+        config["CONNECT_RETRIES"] = 0  # the pool has its own reconnect loop
+        worst_connect = options["pool"]["timeout"]
+    else:
+        config["CONN_MAX_AGE"] = env_int(env, "DB_CONN_MAX_AGE", 300)
+        config["CONNECT_RETRIES"] = retries
+        worst_connect = (retries + 1) * connect_timeout + sum(
+            connect_retry_delays(retries)
+        )
+
+    worst_case = worst_connect + (0 if pgbouncer else statement_timeout_ms / 1000)
+    if worst_case >= gunicorn_timeout:
+        raise ConfigError(
+            f"database worst case ({worst_case:.0f}s: connect attempts x "
+            f"DB_CONNECT_TIMEOUT + DB_STATEMENT_TIMEOUT_MS) must stay below "
+            f"GUNICORN_TIMEOUT ({gunicorn_timeout}s)"
+        )
+    return config

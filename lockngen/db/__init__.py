@@ -1,0 +1,1 @@
+"""PostgreSQL backend that retries refused or starting-up connections."""

@@ -1,0 +1,70 @@
+"""Django's PostgreSQL backend, plus bounded retries when opening a connection.
+
+Retries happen only where a *new* connection is opened, never around queries:
+a statement inside a transaction is never silently re-run. With the pool on,
+psycopg_pool has its own reconnect loop and its ``getconn`` timeout is already
+a wait, so the pool path is left alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import psycopg
+from django.db.backends.postgresql import base
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential,
+)
+
+logger = logging.getLogger(__name__)
+
+# libpq's wording for a server that is not accepting connections *yet*.
+TRANSIENT_MESSAGES = (
+    "connection refused",
+    "the database system is starting up",
+    "the database system is shutting down",
+    "the database system is in recovery mode",
+    "the database system is not yet accepting connections",
+)
+CANNOT_CONNECT_NOW = "57P03"
+
+
+def is_transient_connect_error(exc: BaseException) -> bool:
+    if not isinstance(exc, psycopg.OperationalError):
+        return False
+    if getattr(exc, "sqlstate", None) == CANNOT_CONNECT_NOW:
+        return True
+    message = str(exc).lower()
+    return any(text in message for text in TRANSIENT_MESSAGES)
+
+
+def _log_retry(state: RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome else None
+    # The libpq message names host and port, never the password.
+    logger.warning(
+        "database connection attempt %d failed (%s); retrying in %.2fs",
+        state.attempt_number,
+        str(exc).strip().splitlines()[0] if exc else "unknown error",
+        state.next_action.sleep if state.next_action else 0.0,
+    )
+
+
+class DatabaseWrapper(base.DatabaseWrapper):
+    def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
+        retries = self.settings_dict.get("CONNECT_RETRIES", 0)
+        if self.pool or not retries:
+            return super().get_new_connection(conn_params)
+        retrying = Retrying(
+            retry=retry_if_exception(is_transient_connect_error),
+            stop=stop_after_attempt(1 + retries),
+            # Same schedule as lockngen.database.connect_retry_delays().
+            wait=wait_exponential(multiplier=0.1, min=0.1, max=2.0),
+            before_sleep=_log_retry,
+            reraise=True,
+        )
+        return retrying(super().get_new_connection, conn_params)

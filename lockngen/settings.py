@@ -1,0 +1,185 @@
+"""LockN Gen persistence service settings: one module, every knob an env var.
+
+See README "Configuration" and SPEC §2. A ``.env`` file next to ``manage.py``
+may supply variables; the real environment wins over it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from dotenv import load_dotenv
+
+from lockngen.database import ConfigError, database_config, env_bool, env_int
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+load_dotenv(BASE_DIR / ".env", override=False)
+env = os.environ
+
+LOCKNGEN_ENV = env.get("LOCKNGEN_ENV", "development").strip() or "development"
+if LOCKNGEN_ENV not in {"development", "production"}:
+    raise ConfigError(
+        f"LOCKNGEN_ENV must be 'development' or 'production', got {LOCKNGEN_ENV!r}"
+    )
+PRODUCTION = LOCKNGEN_ENV == "production"
+if PRODUCTION:
+    missing = [
+        name
+        for name in ("DATABASE_URL", "SECRET_KEY", "ALLOWED_HOSTS")
+        if not env.get(name, "").strip()
+    ]
+    if missing:
+        raise ConfigError(
+            f"{', '.join(missing)} must be set when LOCKNGEN_ENV=production"
+        )
+
+
+def env_list(name: str, default: str = "") -> list[str]:
+    return [item.strip() for item in env.get(name, default).split(",") if item.strip()]
+
+
+# --- Core ------------------------------------------------------------------
+
+DEV_SECRET_KEY = "django-insecure-lockngen-development-only-never-use-in-production"  # noqa: S105
+SECRET_KEY = env.get("SECRET_KEY", "").strip()
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS")
+if PRODUCTION:
+    DEBUG = False  # never, whatever DEBUG says
+else:
+    SECRET_KEY = SECRET_KEY or DEV_SECRET_KEY
+    ALLOWED_HOSTS = ALLOWED_HOSTS or ["localhost", "127.0.0.1", "[::1]"]
+    DEBUG = env_bool(env, "DEBUG", default=True)
+
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS")
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "whitenoise.runserver_nostatic",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
+    "health_check",
+    "lockngen",
+    "apikeys",
+    "generations",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "lockngen.middleware.DatabaseUnavailableMiddleware",
+]
+
+ROOT_URLCONF = "lockngen.urls"
+WSGI_APPLICATION = "lockngen.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- Database ----------------------------------------------------------------
+
+DATABASES = {
+    "default": database_config(env, production=PRODUCTION, base_dir=BASE_DIR),
+}
+DATABASE_FALLBACK = DATABASES["default"]["FALLBACK"]
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- Cache (rate-limit counters) -------------------------------------------
+
+REDIS_URL = env.get("REDIS_URL", "").strip()
+if REDIS_URL:
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_URL,
+            "OPTIONS": {"socket_connect_timeout": 2, "socket_timeout": 2},
+        }
+    }
+else:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+
+# --- Auth, i18n, static ----------------------------------------------------
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": f"django.contrib.auth.password_validation.{name}"}
+    for name in (
+        "UserAttributeSimilarityValidator",
+        "MinimumLengthValidator",
+        "CommonPasswordValidator",
+        "NumericPasswordValidator",
+    )
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "var" / "static"
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {
+        "BACKEND": (
+            "whitenoise.storage.CompressedManifestStaticFilesStorage"
+            if PRODUCTION
+            else "django.contrib.staticfiles.storage.StaticFilesStorage"
+        )
+    },
+}
+
+# --- Production hardening (behind a TLS-terminating proxy) -----------------
+
+if PRODUCTION:
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SECURE_SSL_REDIRECT = True
+    SECURE_REDIRECT_EXEMPT = [r"^health/(live|ready)/?$"]
+    SECURE_HSTS_SECONDS = env_int(env, "SECURE_HSTS_SECONDS", 31536000)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = True
+    SECURE_HSTS_PRELOAD = True
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+
+# --- Service knobs -----------------------------------------------------------
+
+LEASE_SECONDS = env_int(env, "LEASE_SECONDS", 300, minimum=1)
+MAX_ATTEMPTS = env_int(env, "MAX_ATTEMPTS", 3, minimum=1)
+
+# --- Logging -----------------------------------------------------------------
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+    },
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env.get("LOG_LEVEL", "INFO")},
+    "loggers": {
+        "django.db.backends": {"level": "INFO"},
+    },
+}

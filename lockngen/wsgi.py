@@ -1,0 +1,16 @@
+"""WSGI entry point (gunicorn serves ``lockngen.wsgi:application``)."""
+
+import os
+import sys
+
+from django.core.wsgi import get_wsgi_application
+
+from lockngen.database import ConfigError
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "lockngen.settings")
+
+try:
+    application = get_wsgi_application()
+except ConfigError as exc:
+    # One line for the operator instead of a traceback per worker boot.
+    sys.exit(f"lockngen: configuration error: {exc}")
