@@ -23,11 +23,13 @@ $(VENV)/.dev: requirements.txt requirements-dev.txt | $(VENV)/bin/python
 
 run: $(VENV)/.runtime
 	$(PY) manage.py migrate --noinput
+	$(PY) manage.py seed_dev_key
 	@echo ""
 	@echo "  LockN Gen is starting on http://127.0.0.1:$(PORT)"
 	@echo "  API docs  http://127.0.0.1:$(PORT)/api/docs"
 	@echo "  Admin     http://127.0.0.1:$(PORT)/admin/"
 	@echo "  Health    http://127.0.0.1:$(PORT)/health/"
+	@$(PY) manage.py seed_dev_key --print | tail -n 1
 	@echo ""
 	$(PY) manage.py runserver 127.0.0.1:$(PORT)
 

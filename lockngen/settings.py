@@ -11,6 +11,7 @@ from pathlib import Path
 
 from dotenv import load_dotenv
 
+from apikeys.keys import DEFAULT_DEV_API_KEY, is_valid_format
 from lockngen.database import ConfigError, database_config, env_bool, env_int
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -168,6 +169,17 @@ if PRODUCTION:
 
 LEASE_SECONDS = env_int(env, "LEASE_SECONDS", 300, minimum=1)
 MAX_ATTEMPTS = env_int(env, "MAX_ATTEMPTS", 3, minimum=1)
+
+LOCKNGEN_DEV_API_KEY = (
+    env.get("LOCKNGEN_DEV_API_KEY", "").strip() or DEFAULT_DEV_API_KEY
+)
+if not is_valid_format(LOCKNGEN_DEV_API_KEY):
+    # Never echo the value: it is a credential.
+    raise ConfigError(
+        "LOCKNGEN_DEV_API_KEY must look like lk_<8 letters/digits>_<32+ URL-safe "
+        'characters>; generate one with: python -c "from apikeys.keys import '
+        'generate_key; print(generate_key())"'
+    )
 
 # --- Logging -----------------------------------------------------------------
 

@@ -1,0 +1,114 @@
+"""API key rules: create, revoke, authenticate, seed the development key."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Q
+from django.db.models.functions import Now
+from django.utils import timezone
+
+from apikeys.keys import (
+    DEFAULT_DEV_API_KEY,
+    generate_key,
+    hash_key,
+    is_valid_format,
+    key_prefix,
+)
+from apikeys.models import ApiKey
+
+logger = logging.getLogger(__name__)
+
+LAST_USED_RESOLUTION = timedelta(minutes=1)
+DEV_KEY_NAME = "development admin key"
+
+
+def api_key_create(
+    *,
+    name: str,
+    is_admin: bool = False,
+    rate_limit: int = 100,
+    expires_at: datetime | None = None,
+) -> tuple[ApiKey, str]:
+    """Create a key; the raw key is returned here once and never stored."""
+    raw_key = generate_key()
+    api_key = ApiKey.objects.create(
+        name=name,
+        is_admin=is_admin,
+        rate_limit=rate_limit,
+        expires_at=expires_at,
+        key_hash=hash_key(raw_key),
+        key_prefix=key_prefix(raw_key),
+    )
+    logger.info("created API key %s (%s)", api_key.key_prefix, api_key.name)
+    return api_key, raw_key
+
+
+def api_key_revoke(*, api_key: ApiKey) -> ApiKey:
+    """Revoke for good (idempotent: a second revoke keeps the first time)."""
+    ApiKey.all_objects.filter(pk=api_key.pk, revoked_at__isnull=True).update(
+        revoked_at=Now()
+    )
+    api_key.refresh_from_db(fields=["revoked_at"])
+    logger.info("revoked API key %s", api_key.key_prefix)
+    return api_key
+
+
+def api_key_authenticate(raw_key: str) -> ApiKey | None:
+    """The active key for ``raw_key``, or None. One indexed lookup by hash.
+
+    No cache on purpose: a revoked key fails on its very next request.
+    """
+    if not raw_key or not is_valid_format(raw_key):
+        return None
+    if raw_key == DEFAULT_DEV_API_KEY and settings.PRODUCTION:
+        return None
+    api_key = ApiKey.objects.filter(key_hash=hash_key(raw_key)).first()
+    if api_key is None or not api_key.is_active:
+        return None
+    _touch_last_used(api_key)
+    return api_key
+
+
+def _touch_last_used(api_key: ApiKey) -> None:
+    """Write ``last_used_at`` at most once a minute per key (not per request)."""
+    now = timezone.now()
+    if api_key.last_used_at and now - api_key.last_used_at < LAST_USED_RESOLUTION:
+        return
+    # The condition makes concurrent requests (other processes) write once.
+    ApiKey.objects.filter(pk=api_key.pk).filter(
+        Q(last_used_at__isnull=True) | Q(last_used_at__lt=now - LAST_USED_RESOLUTION)
+    ).update(last_used_at=now)
+    api_key.last_used_at = now
+
+
+def api_key_seed_dev(*, model: Any = ApiKey, raw_key: str | None = None) -> Any:
+    """Ensure the development admin key exists; idempotent.
+
+    Called by the seed data migration (with the historical model) and by
+    ``manage.py seed_dev_key``. Returns the key row, or None in production.
+    """
+    if settings.PRODUCTION:
+        return None
+    raw_key = raw_key or settings.LOCKNGEN_DEV_API_KEY
+    manager = model._base_manager
+    with transaction.atomic():
+        existing = manager.filter(key_hash=hash_key(raw_key)).first()
+        if existing is not None:
+            return existing
+        if manager.filter(key_prefix=key_prefix(raw_key)).exists():
+            raise ValueError(
+                f"another key already uses the prefix {key_prefix(raw_key)}; "
+                "choose a LOCKNGEN_DEV_API_KEY with different first 11 characters"
+            )
+        return manager.create(
+            name=DEV_KEY_NAME,
+            is_admin=True,
+            rate_limit=0,
+            key_hash=hash_key(raw_key),
+            key_prefix=key_prefix(raw_key),
+        )

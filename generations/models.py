@@ -1,0 +1,320 @@
+"""The generation job: columns, limits, status machine and database invariants.
+
+Each limit is defined once (``LIMITS``) and used both as a field validator
+(for DRF and forms, which do not call ``full_clean``) and as a database CHECK
+constraint (so raw SQL cannot write a bad row either).
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+from typing import Any, ClassVar
+
+from django.core.exceptions import ValidationError
+from django.core.validators import (
+    MaxValueValidator,
+    MinLengthValidator,
+    MinValueValidator,
+)
+from django.db import models
+from django.db.models import F, Q
+from django.db.models.functions import Mod, Now
+from django.db.models.lookups import Exact
+
+from lockngen.softdelete import SoftDeleteManager, SoftDeleteModel, SoftDeleteQuerySet
+
+SEED_MAX = 2**63 - 1
+DIMENSION_MULTIPLE = 8
+
+# field -> (minimum, maximum); the one definition of every numeric range.
+LIMITS: dict[str, tuple[int | float, int | float]] = {
+    "width": (64, 4096),
+    "height": (64, 4096),
+    "steps": (1, 150),
+    "guidance": (0, 30),
+    "seed": (0, SEED_MAX),
+}
+
+
+def range_validators(field: str) -> list[Any]:
+    low, high = LIMITS[field]
+    return [MinValueValidator(low), MaxValueValidator(high)]
+
+
+def validate_multiple_of_8(value: int) -> None:
+    if value % DIMENSION_MULTIPLE:
+        raise ValidationError(
+            f"Must be a multiple of {DIMENSION_MULTIPLE}.", code="multiple_of_8"
+        )
+
+
+class RealField(models.FloatField):
+    """Single-precision ``real`` in PostgreSQL, as the seed schema has it."""
+
+    def db_type(self, connection) -> str:  # type: ignore[no-untyped-def]
+        if connection.vendor == "postgresql":
+            return "real"
+        return super().db_type(connection)
+
+
+class Status(models.IntegerChoices):
+    QUEUED = 0, "queued"
+    RUNNING = 1, "running"
+    COMPLETED = 2, "completed"
+    FAILED = 3, "failed"
+    CANCELLED = 4, "cancelled"
+
+    @classmethod
+    def terminal(cls) -> frozenset[Status]:
+        return frozenset({cls.COMPLETED, cls.FAILED, cls.CANCELLED})
+
+
+# The status machine (SPEC §3): the only transitions that may ever happen.
+TRANSITIONS: dict[Status, frozenset[Status]] = {
+    Status.QUEUED: frozenset({Status.RUNNING, Status.CANCELLED}),
+    Status.RUNNING: frozenset(
+        {Status.QUEUED, Status.COMPLETED, Status.FAILED, Status.CANCELLED}
+    ),
+    Status.COMPLETED: frozenset(),
+    Status.FAILED: frozenset(),
+    Status.CANCELLED: frozenset(),
+}
+
+
+class InvalidTransition(Exception):
+    def __init__(self, current: Status, target: Status) -> None:
+        self.current, self.target = Status(current), Status(target)
+        super().__init__(
+            f"cannot move a {self.current.label} generation to {self.target.label}"
+        )
+
+
+class GenerationQuerySet(SoftDeleteQuerySet):
+    def for_key(self, api_key: Any) -> GenerationQuerySet:
+        """What a key may see: its own generations; an admin key sees all."""
+        return self if api_key.is_admin else self.filter(api_key=api_key)
+
+    def queue_head(self) -> GenerationQuerySet:
+        return self.filter(status=Status.QUEUED).order_by("created_at", "id")
+
+    def expired_leases(self) -> GenerationQuerySet:
+        return self.filter(status=Status.RUNNING, lease_expires_at__lt=Now()).order_by(
+            "lease_expires_at", "id"
+        )
+
+    def transition(self, target: Status, *, lease_seconds: int = 0) -> int:
+        """Move every row that may reach ``target`` there, in one UPDATE."""
+        return self.filter(status__in=sources_of(target)).update(
+            **transition_values(target, lease_seconds=lease_seconds)
+        )
+
+    transition.alters_data = True  # type: ignore[attr-defined]
+
+
+class GenerationManager(SoftDeleteManager.from_queryset(GenerationQuerySet)):  # type: ignore[misc]
+    pass
+
+
+class Generation(SoftDeleteModel):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    name = models.CharField(max_length=255, blank=True, default="", db_default="")
+    prompt = models.CharField(max_length=4000, validators=[MinLengthValidator(1)])
+    negative_prompt = models.CharField(max_length=4000, null=True, blank=True)
+    model = models.CharField(max_length=100, default="sdxl", db_default="sdxl")
+    width = models.IntegerField(
+        default=1024,
+        db_default=1024,
+        validators=[*range_validators("width"), validate_multiple_of_8],
+    )
+    height = models.IntegerField(
+        default=1024,
+        db_default=1024,
+        validators=[*range_validators("height"), validate_multiple_of_8],
+    )
+    steps = models.IntegerField(
+        default=20, db_default=20, validators=range_validators("steps")
+    )
+    guidance = RealField(
+        default=7.5, db_default=7.5, validators=range_validators("guidance")
+    )
+    seed = models.BigIntegerField(
+        null=True, blank=True, validators=range_validators("seed")
+    )
+    status = models.IntegerField(
+        choices=Status.choices,
+        default=Status.QUEUED,
+        db_default=Status.QUEUED,
+        db_index=True,
+    )
+    prompt_id = models.CharField(max_length=100, null=True, blank=True)
+    output_path = models.CharField(max_length=500, null=True, blank=True)
+    thumbnail_path = models.CharField(max_length=500, null=True, blank=True)
+    error_message = models.CharField(max_length=2000, null=True, blank=True)
+    created_at = models.DateTimeField(db_default=Now(), db_index=True, editable=False)
+    updated_at = models.DateTimeField(null=True, blank=True, editable=False)
+    started_at = models.DateTimeField(null=True, blank=True, editable=False)
+    completed_at = models.DateTimeField(null=True, blank=True, editable=False)
+    duration_ms = models.IntegerField(
+        null=True, blank=True, validators=[MinValueValidator(0)], editable=False
+    )
+    lease_expires_at = models.DateTimeField(null=True, blank=True, editable=False)
+    attempts = models.IntegerField(default=0, db_default=0, editable=False)
+    idempotency_key = models.CharField(
+        max_length=100, null=True, blank=True, editable=False
+    )
+    api_key = models.ForeignKey(
+        "apikeys.ApiKey",
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="generations",
+        db_index=False,  # covered by generations_key_list_idx
+    )
+
+    objects: ClassVar[GenerationManager] = GenerationManager()
+    all_objects: ClassVar[Any] = models.Manager.from_queryset(GenerationQuerySet)()
+
+    class Meta(SoftDeleteModel.Meta):
+        db_table = "generations"
+        ordering = ["-created_at", "-id"]
+        indexes = [
+            models.Index(
+                F("api_key"),
+                F("created_at").desc(),
+                F("id").desc(),
+                name="generations_key_list_idx",
+                condition=Q(is_deleted=False),
+            ),
+            models.Index(
+                fields=["created_at", "id"],
+                name="generations_queue_head_idx",
+                condition=Q(is_deleted=False, status=Status.QUEUED),
+            ),
+            models.Index(
+                fields=["lease_expires_at", "id"],
+                name="generations_lease_idx",
+                condition=Q(is_deleted=False, status=Status.RUNNING),
+            ),
+        ]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["api_key", "idempotency_key"],
+                name="generations_idempotency_key_uniq",
+                condition=Q(idempotency_key__isnull=False),
+            ),
+            *[
+                models.CheckConstraint(
+                    condition=Q(**{f"{field}__gte": low, f"{field}__lte": high}),
+                    name=f"generations_{field}_range",
+                )
+                for field, (low, high) in LIMITS.items()
+            ],
+            *[
+                models.CheckConstraint(
+                    condition=Exact(Mod(field, DIMENSION_MULTIPLE), 0),
+                    name=f"generations_{field}_multiple_of_8",
+                )
+                for field in ("width", "height")
+            ],
+            models.CheckConstraint(
+                condition=Q(status__gte=Status.QUEUED, status__lte=Status.CANCELLED),
+                name="generations_status_range",
+            ),
+            models.CheckConstraint(
+                condition=~Q(prompt=""), name="generations_prompt_not_blank"
+            ),
+            models.CheckConstraint(
+                condition=Q(duration_ms__gte=0), name="generations_duration_ms_gte_0"
+            ),
+            models.CheckConstraint(
+                condition=Q(attempts__gte=0), name="generations_attempts_gte_0"
+            ),
+            models.CheckConstraint(
+                condition=Q(completed_at__gte=F("created_at")),
+                name="generations_completed_after_created",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name or self.prompt[:40]} [{self.get_status_display()}]"
+
+    @property
+    def status_name(self) -> str:
+        return Status(self.status).label
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in Status.terminal()
+
+    def can_transition_to(self, target: Status) -> bool:
+        return target in TRANSITIONS[Status(self.status)]
+
+    def transition_to(self, target: Status, *, lease_seconds: int = 0) -> list[str]:
+        """Apply ``target`` in memory; return the fields the caller must save.
+
+        The one place the status machine is checked for a single row. Values
+        are database expressions (refresh the row after saving).
+        """
+        if not self.can_transition_to(target):
+            raise InvalidTransition(Status(self.status), target)
+        values = transition_values(target, lease_seconds=lease_seconds)
+        for field, value in values.items():
+            setattr(self, field, value)
+        return list(values)
+
+
+def sources_of(target: Status) -> list[Status]:
+    """The statuses from which ``target`` may be reached."""
+    return [source for source, targets in TRANSITIONS.items() if target in targets]
+
+
+def transition_values(target: Status, *, lease_seconds: int = 0) -> dict[str, Any]:
+    """What moving to ``target`` writes, as database expressions.
+
+    Timestamps come from the database clock (``Now()``), so clock skew between
+    app servers can never break ``completed_at >= created_at``.
+    """
+    now = Now()
+    values: dict[str, Any] = {"status": target, "updated_at": now}
+    if target == Status.RUNNING:
+        values |= {
+            "started_at": now,
+            "lease_expires_at": now + timedelta(seconds=lease_seconds),
+            "attempts": F("attempts") + 1,
+        }
+    elif target == Status.QUEUED:
+        values["lease_expires_at"] = None
+    else:
+        values |= {
+            "lease_expires_at": None,
+            "completed_at": now,
+            "duration_ms": DurationMs("started_at"),
+        }
+    return values
+
+
+class DurationMs(models.Func):
+    """Whole milliseconds from a timestamp column to the database's now().
+
+    NULL when the job never started (queued → cancelled); never negative.
+    """
+
+    output_field = models.IntegerField()
+    template = (
+        "(CASE WHEN %(expressions)s IS NULL THEN NULL ELSE GREATEST(0, "
+        "(EXTRACT(EPOCH FROM (STATEMENT_TIMESTAMP() - %(expressions)s)) * 1000)"
+        "::integer) END)"
+    )
+
+    def as_sqlite(self, compiler, connection, **extra_context):  # type: ignore[no-untyped-def]
+        return super().as_sql(
+            compiler,
+            connection,
+            template=(
+                "(CASE WHEN %(expressions)s IS NULL THEN NULL ELSE MAX(0, CAST("
+                "(julianday('now') - julianday(%(expressions)s)) * 86400000 "
+                "AS INTEGER)) END)"
+            ),
+            **extra_context,
+        )

@@ -1,0 +1,87 @@
+"""Soft delete shared by both apps: deleted rows stay, hidden by default.
+
+``Model.objects`` is the default manager and hides deleted rows, so reverse
+relations (``api_key.generations``) hide them too; ``Model.all_objects`` shows
+everything. ``delete()`` on an instance or a queryset is one UPDATE.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from django.db import models
+from django.db.models.functions import Now
+
+
+class SoftDeleteQuerySet(models.QuerySet):
+    def alive(self) -> SoftDeleteQuerySet:
+        return self.filter(is_deleted=False)
+
+    def dead(self) -> SoftDeleteQuerySet:
+        return self.filter(is_deleted=True)
+
+    def delete(self) -> tuple[int, dict[str, int]]:  # type: ignore[override]
+        """Soft-delete every row in one UPDATE; returns Django's delete shape."""
+        count = self.filter(is_deleted=False).update(is_deleted=True, deleted_at=Now())
+        return count, {self.model._meta.label: count}
+
+    delete.alters_data = True  # type: ignore[attr-defined]
+
+    def hard_delete(self) -> tuple[int, dict[str, int]]:
+        return super().delete()
+
+    hard_delete.alters_data = True  # type: ignore[attr-defined]
+
+    def restore(self) -> int:
+        return self.filter(is_deleted=True).update(is_deleted=False, deleted_at=None)
+
+    restore.alters_data = True  # type: ignore[attr-defined]
+
+
+class SoftDeleteManager(models.Manager.from_queryset(SoftDeleteQuerySet)):  # type: ignore[misc]
+    """Hides deleted rows; used for ``objects`` and for related managers."""
+
+    def get_queryset(self) -> SoftDeleteQuerySet:
+        return super().get_queryset().filter(is_deleted=False)
+
+
+AllObjectsManager = models.Manager.from_queryset(SoftDeleteQuerySet)
+
+
+class SoftDeleteModel(models.Model):
+    is_deleted = models.BooleanField(default=False, db_default=False)
+    deleted_at = models.DateTimeField(null=True, blank=True)
+
+    objects: ClassVar[SoftDeleteManager] = SoftDeleteManager()
+    all_objects: ClassVar[Any] = AllObjectsManager()
+
+    class Meta:
+        abstract = True
+        base_manager_name = "all_objects"
+        default_manager_name = "objects"
+
+    def delete(  # type: ignore[override]
+        self, using: str | None = None, keep_parents: bool = False
+    ) -> tuple[int, dict[str, int]]:
+        count = (
+            type(self)
+            .all_objects.filter(pk=self.pk, is_deleted=False)
+            .update(is_deleted=True, deleted_at=Now())
+        )
+        self.refresh_from_db(fields=["is_deleted", "deleted_at"])
+        return count, {self._meta.label: count}
+
+    delete.alters_data = True  # type: ignore[attr-defined]
+
+    def hard_delete(self) -> tuple[int, dict[str, int]]:
+        return super().delete()
+
+    hard_delete.alters_data = True  # type: ignore[attr-defined]
+
+    def restore(self) -> None:
+        type(self).all_objects.filter(pk=self.pk).update(
+            is_deleted=False, deleted_at=None
+        )
+        self.is_deleted, self.deleted_at = False, None
+
+    restore.alters_data = True  # type: ignore[attr-defined]
