@@ -107,6 +107,7 @@ def database_config(
     gunicorn_timeout = env_int(env, "GUNICORN_TIMEOUT", 60, minimum=1)
     pgbouncer = env_bool(env, "DB_PGBOUNCER")
     pooled = env_bool(env, "DB_POOL")
+    config["PGBOUNCER"] = pgbouncer  # lockngen.db sends no startup options then
 
     options.setdefault("connect_timeout", connect_timeout)
     options.setdefault("sslmode", env.get("DB_SSLMODE", "").strip() or "prefer")

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from pathlib import Path
+from urllib.parse import quote
 
 import pytest
+
+BASE_DIR = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
@@ -21,3 +26,87 @@ def django_db_modify_db_settings(django_db_modify_db_settings_parallel_suffix):
         test = db.setdefault("TEST", {})
         base = test.get("NAME") or f"test_{db['NAME']}"
         test["NAME"] = f"{base}_{suffix}"
+
+
+@pytest.fixture(scope="session")
+def pg_cluster_session():
+    """One throwaway PostgreSQL cluster for the whole run (see tests/pgcluster.py)."""
+    from tests.pgcluster import PgCluster
+
+    cluster = PgCluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.cleanup()
+
+
+@pytest.fixture
+def pg_cluster(pg_cluster_session):
+    """The throwaway cluster, running when the test starts.
+
+    Tests may stop, restart or crash it; the next test gets it running again.
+    Mark such tests ``@pytest.mark.postgres_cluster``.
+    """
+    pg_cluster_session.start()
+    return pg_cluster_session
+
+
+@pytest.fixture
+def test_database_url(django_db_setup, django_db_blocker):
+    """A URL for this run's test database, with database access unblocked.
+
+    For tests that open connections of their own (fresh backends, pools,
+    subprocesses) next to Django's ``default`` one.
+    """
+    from django.db import connections
+
+    settings_dict = connections["default"].settings_dict
+    if settings_dict["ENGINE"] != "lockngen.db":
+        pytest.fail("this test needs DATABASE_URL to point at PostgreSQL")
+    with django_db_blocker.unblock():
+        yield database_url(settings_dict)
+
+
+def database_url(settings_dict: dict) -> str:
+    """``postgres://`` URL of a Django PostgreSQL settings dict (password kept)."""
+    user = quote(settings_dict["USER"] or "", safe="")
+    if settings_dict["PASSWORD"]:
+        user += ":" + quote(settings_dict["PASSWORD"], safe="")
+    host = quote(settings_dict["HOST"] or "localhost", safe="")  # may be a socket dir
+    port = settings_dict["PORT"] or 5432
+    return f"postgres://{user}@{host}:{port}/{settings_dict['NAME']}"
+
+
+@pytest.fixture
+def make_backend(django_db_blocker):
+    """Build fresh ``lockngen.db`` connections from environment variables.
+
+    ``make_backend(url, DB_POOL="1")`` returns an unconnected DatabaseWrapper
+    configured exactly as settings would configure it. Database access is
+    unblocked for the test; every wrapper (and its pool) is closed afterwards.
+    """
+    from django.db.utils import ConnectionHandler, load_backend
+
+    from lockngen.database import database_config
+
+    made = []
+
+    def make(url: str, *, alias: str = "lockngen_test", **env: str):
+        config = database_config(
+            {"DATABASE_URL": url, **env}, production=False, base_dir=BASE_DIR
+        )
+        settings_dict = ConnectionHandler({"default": config}).settings["default"]
+        backend = load_backend(settings_dict["ENGINE"]).DatabaseWrapper(
+            settings_dict, alias
+        )
+        made.append(backend)
+        return backend
+
+    with django_db_blocker.unblock():
+        yield make
+        for backend in made:
+            with contextlib.suppress(Exception):  # a test may have broken it
+                backend.close()
+            with contextlib.suppress(Exception):
+                backend.close_pool()

@@ -55,6 +55,20 @@ def _log_retry(state: RetryCallState) -> None:
 
 
 class DatabaseWrapper(base.DatabaseWrapper):
+    def get_connection_params(self) -> dict[str, Any]:
+        params = super().get_connection_params()
+        timezone_name = self.timezone_name
+        if timezone_name and not self.settings_dict.get("PGBOUNCER"):
+            # In the startup packet the server reports it back, so Django's
+            # _configure_timezone() skips its SET TIME ZONE round trip on every
+            # new connection (~15% of connection setup). PgBouncer refuses
+            # startup options: there Django still SETs it (or the role has it).
+            zone = timezone_name.replace(" ", "\\ ")
+            params["options"] = (
+                f"{params.get('options', '')} -c TimeZone={zone}".lstrip()
+            )
+        return params
+
     def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
         retries = self.settings_dict.get("CONNECT_RETRIES", 0)
         if self.pool or not retries:
