@@ -72,6 +72,9 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # First: /health/live and /health/ready answer probes with any Host over
+    # plain HTTP, before host validation and the HTTPS redirect (SPEC §2).
+    "lockngen.probes.HealthProbeMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -191,7 +194,9 @@ LOGGING = {
     },
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env.get("LOG_LEVEL", "INFO")},
+    "filters": {"health_warnings": {"()": "lockngen.health.DropDegradedTracebacks"}},
     "loggers": {
         "django.db.backends": {"level": "INFO"},
+        "health_check": {"filters": ["health_warnings"]},
     },
 }

@@ -1,0 +1,377 @@
+"""Health: our checks in django-health-check's dataclass shape, and the report view.
+
+django-health-check 4.x has no migrations or pool check and knows only "all OK"
+(200) or "something raised" (500). SPEC §6 wants three states, so the view
+below maps the library's results: a ``ServiceWarning`` makes the service
+*degraded* (still 200), any other error *unhealthy* (503).
+
+The library runs each synchronous check in a fresh executor thread per probe.
+Nothing ever closes what such a thread opened (no ``request_finished`` there),
+so every check that touches the database goes through :func:`database`, which
+closes the connection it opened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import enum
+import logging
+from collections.abc import Iterable, Iterator
+from http import HTTPStatus
+from typing import Any, ClassVar
+
+from django.conf import settings
+from django.db import DatabaseError, connections
+from django.db.backends.base.base import BaseDatabaseWrapper
+from django.db.migrations.executor import MigrationExecutor
+from django.db.models import Count, Min, Q
+from django.db.models.functions import Now
+from django.http import HttpResponse, JsonResponse
+from django.utils import timezone
+from health_check.base import HealthCheck, HealthCheckResult
+from health_check.exceptions import ServiceUnavailable, ServiceWarning
+from health_check.views import HealthCheckView
+
+logger = logging.getLogger(__name__)
+
+# Cache backends whose counters live in one process: per-key rate limits then
+# multiply by the number of gunicorn workers (SPEC §2, REDIS_URL).
+LOCAL_CACHE_BACKENDS = frozenset(
+    {
+        "django.core.cache.backends.locmem.LocMemCache",
+        "django.core.cache.backends.dummy.DummyCache",
+    }
+)
+
+
+class State(enum.StrEnum):
+    HEALTHY = "healthy"
+    DEGRADED = "degraded"
+    UNHEALTHY = "unhealthy"
+
+    @property
+    def http_status(self) -> HTTPStatus:
+        if self is State.UNHEALTHY:
+            return HTTPStatus.SERVICE_UNAVAILABLE
+        return HTTPStatus.OK
+
+
+def overall_state(results: Iterable[HealthCheckResult]) -> State:
+    errors = [result.error for result in results if result.error]
+    if any(not isinstance(error, ServiceWarning) for error in errors):
+        return State.UNHEALTHY
+    return State.DEGRADED if errors else State.HEALTHY
+
+
+def degradations() -> list[str]:
+    """Configuration that works but should not be run in production (no I/O)."""
+    reasons = []
+    if settings.DATABASE_FALLBACK:
+        reasons.append("SQLite development fallback in use: set DATABASE_URL")
+    if settings.CACHES["default"]["BACKEND"] in LOCAL_CACHE_BACKENDS:
+        reasons.append("rate limits are counted per process: set REDIS_URL")
+    return reasons
+
+
+class DropDegradedTracebacks(logging.Filter):
+    """Drop the library's per-probe traceback for a check that only warns.
+
+    A degraded setup (development) would otherwise log one traceback per
+    scrape; real failures keep theirs.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, ServiceWarning)
+
+
+@contextlib.contextmanager
+def database(alias: str = "default") -> Iterator[BaseDatabaseWrapper]:
+    """This thread's connection, closed afterwards if it was opened here."""
+    connection = connections[alias]
+    opened_here = connection.connection is None
+    try:
+        yield connection
+    finally:
+        if opened_here:
+            connection.close()
+
+
+def pending_migrations(connection: BaseDatabaseWrapper) -> list[str]:
+    """``app_label.name`` of every migration not yet applied, in plan order."""
+    executor = MigrationExecutor(connection)
+    plan = executor.migration_plan(executor.loader.graph.leaf_nodes())
+    return [f"{migration.app_label}.{migration.name}" for migration, _ in plan]
+
+
+def short_reason(exc: BaseException) -> str:
+    """The exception class only: driver messages may quote SQL or addresses."""
+    return type(exc).__name__
+
+
+def severity(result: HealthCheckResult) -> str:
+    """``""`` (OK), ``"warning"`` (degraded) or ``"error"`` (unhealthy)."""
+    if not result.error:
+        return ""
+    return "warning" if isinstance(result.error, ServiceWarning) else "error"
+
+
+# --- Checks -------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class MeasuredCheck(HealthCheck):
+    """A check that also reports gauges (``metrics``), set by ``run()``.
+
+    ``metrics`` is not part of the check's repr or labels; the view publishes
+    it as ``lockngen_<metrics_prefix>_<name>`` in OpenMetrics and under
+    ``metrics.<metrics_prefix>`` in JSON.
+    """
+
+    metrics: dict[str, float] = dataclasses.field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+    metrics_prefix: ClassVar[str] = ""
+    metrics_help: ClassVar[dict[str, str]] = {}
+
+
+@dataclasses.dataclass
+class Migrations(HealthCheck):
+    """Unhealthy while a migration is pending (django-health-check 4.x has none)."""
+
+    alias: str = "default"
+
+    def run(self) -> None:
+        try:
+            with database(self.alias) as connection:
+                pending = pending_migrations(connection)
+        except DatabaseError as exc:
+            raise ServiceUnavailable(
+                f"cannot read the migration history ({short_reason(exc)})"
+            ) from exc
+        if pending:
+            shown = ", ".join(pending[:3]) + (", …" if len(pending) > 3 else "")
+            raise ServiceUnavailable(f"{len(pending)} migration(s) pending: {shown}")
+
+
+@dataclasses.dataclass
+class ConnectionPool(MeasuredCheck):
+    """Django's psycopg pool of this worker process (only when ``DB_POOL=1``).
+
+    Degraded while requests wait for a connection: the pool is saturated.
+    """
+
+    alias: str = "default"
+    metrics_prefix: ClassVar[str] = "db_pool"
+    metrics_help: ClassVar[dict[str, str]] = {
+        "size": "Connections currently held by this process's pool",
+        "available": "Idle connections in the pool",
+        "max": "Upper bound of the pool (DB_POOL_MAX_SIZE)",
+        "requests_waiting": "Requests waiting for a pooled connection",
+        "requests_errors": "Connection requests that failed since the pool opened",
+        "connections_errors": "Failed attempts to open a server connection",
+    }
+
+    async def run(self) -> None:
+        pool = getattr(connections[self.alias], "pool", None)
+        if pool is None:
+            raise ServiceUnavailable("no connection pool configured")
+        stats = pool.get_stats()  # counters that never fired are absent
+        self.metrics = {
+            "size": stats.get("pool_size", 0),
+            "available": stats.get("pool_available", 0),
+            "max": stats.get("pool_max", 0),
+            "requests_waiting": stats.get("requests_waiting", 0),
+            "requests_errors": stats.get("requests_errors", 0),
+            "connections_errors": stats.get("connections_errors", 0),
+        }
+        if self.metrics["requests_waiting"]:
+            raise ServiceWarning(
+                f"pool saturated: {self.metrics['requests_waiting']} request(s) "
+                "waiting for a connection"
+            )
+
+
+@dataclasses.dataclass
+class QueueGauges(MeasuredCheck):
+    """Queue depth for dashboards; unhealthy only when the queue cannot be read."""
+
+    alias: str = "default"
+    metrics_prefix: ClassVar[str] = "queue"
+    metrics_help: ClassVar[dict[str, str]] = {
+        "queued": "Generations waiting for a worker",
+        "oldest_queued_age_seconds": "Age of the oldest queued generation (0 if none)",
+        "running": "Generations claimed by a worker",
+        "expired_leases": "Running generations whose worker lease has expired",
+    }
+
+    def run(self) -> None:
+        from generations.models import Generation, Status
+
+        queued, running = Q(status=Status.QUEUED), Q(status=Status.RUNNING)
+        try:
+            with database(self.alias):
+                # One statement over the hot statuses only (status index),
+                # never a scan of the finished history.
+                row = (
+                    Generation.objects.using(self.alias)
+                    .filter(status__in=[Status.QUEUED, Status.RUNNING])
+                    .aggregate(
+                        queued=Count("pk", filter=queued),
+                        oldest=Min("created_at", filter=queued),
+                        running=Count("pk", filter=running),
+                        expired=Count(
+                            "pk", filter=running & Q(lease_expires_at__lt=Now())
+                        ),
+                    )
+                )
+        except DatabaseError as exc:
+            raise ServiceUnavailable(
+                f"cannot read the queue ({short_reason(exc)})"
+            ) from exc
+        oldest = row["oldest"]
+        age = (timezone.now() - oldest).total_seconds() if oldest else 0.0
+        self.metrics = {
+            "queued": row["queued"],
+            "oldest_queued_age_seconds": round(max(age, 0.0), 3),
+            "running": row["running"],
+            "expired_leases": row["expired"],
+        }
+
+
+@dataclasses.dataclass
+class DatabaseBackend(HealthCheck):
+    """Degraded on the SQLite development fallback (no ``DATABASE_URL``)."""
+
+    async def run(self) -> None:
+        if settings.DATABASE_FALLBACK:
+            raise ServiceWarning("SQLite development fallback in use: set DATABASE_URL")
+
+
+@dataclasses.dataclass
+class RateLimitCache(HealthCheck):
+    """Degraded when rate-limit counters live in one process's memory."""
+
+    alias: str = "default"
+
+    async def run(self) -> None:
+        if settings.CACHES[self.alias]["BACKEND"] in LOCAL_CACHE_BACKENDS:
+            raise ServiceWarning(
+                "rate limits are counted per process (local memory): set REDIS_URL"
+            )
+
+
+# --- The report -----------------------------------------------------------------
+
+
+class HealthView(HealthCheckView):
+    """``/health/``: the library's report with an overall healthy/degraded/unhealthy.
+
+    Degraded answers 200 and unhealthy 503 in HTML, JSON and text. OpenMetrics
+    keeps the library's 200 (a failed scrape would drop every gauge) and
+    carries the state as the ``lockngen_health_state`` state set.
+    """
+
+    template_name = "lockngen/health.html"
+    results: list[HealthCheckResult]
+
+    @property
+    def state(self) -> State:
+        return overall_state(self.results)
+
+    def metrics(self) -> dict[str, dict[str, float]]:
+        return {
+            result.check.metrics_prefix: result.check.metrics
+            for result in self.results
+            if isinstance(result.check, MeasuredCheck) and result.check.metrics
+        }
+
+    @staticmethod
+    def check_status(result: HealthCheckResult) -> str:
+        return "OK" if not result.error else str(result.error)
+
+    def get_context_data(self, **kwargs: Any) -> dict[str, Any]:
+        context = super().get_context_data(**kwargs)
+        state = self.state
+        context |= {
+            "state": state.value,
+            "errors": state is State.UNHEALTHY,
+            "rows": [
+                {"result": result, "level": severity(result)} for result in self.results
+            ],
+            "metrics": [
+                (f"lockngen_{prefix}_{name}", value)
+                for prefix, values in self.metrics().items()
+                for name, value in values.items()
+            ],
+        }
+        return context
+
+    def render_to_response(self, context: Any, **response_kwargs: Any) -> HttpResponse:
+        response_kwargs["status"] = self.state.http_status
+        return super().render_to_response(context, **response_kwargs)
+
+    def render_to_response_json(self, status: int) -> JsonResponse:
+        state = self.state
+        return JsonResponse(
+            {
+                "status": state.value,
+                "checks": {
+                    repr(result.check): self.check_status(result)
+                    for result in self.results
+                },
+                "metrics": self.metrics(),
+            },
+            status=state.http_status,
+        )
+
+    def render_to_response_text(self, status: int) -> HttpResponse:
+        state = self.state
+        lines = [f"status: {state.value}"] + [
+            f"{result.check!r}: {self.check_status(result)}" for result in self.results
+        ]
+        return HttpResponse(
+            "\n".join(lines) + "\n",
+            content_type="text/plain; charset=utf-8",
+            status=state.http_status,
+        )
+
+    def render_to_response_openmetrics(self) -> HttpResponse:
+        response = super().render_to_response_openmetrics()
+        state = self.state
+        lines = response.content.decode().rstrip("\n").split("\n")
+        if lines[-1] == "# EOF":
+            lines.pop()
+        lines = [
+            # The library's overall gauge counts warnings as failures; ours
+            # is 0 only when unhealthy, like the HTTP status.
+            f"django_health_check_overall_status {state is not State.UNHEALTHY:d}"
+            if line.startswith("django_health_check_overall_status ")
+            else line
+            for line in lines
+        ]
+        lines += [
+            "# HELP lockngen_health_state Overall state: healthy, degraded "
+            "(answers 200) or unhealthy (answers 503)",
+            "# TYPE lockngen_health_state stateset",
+            *(
+                f'lockngen_health_state{{lockngen_health_state="{value}"}} '
+                f"{value is state:d}"
+                for value in State
+            ),
+        ]
+        for result in self.results:
+            check = result.check
+            if not isinstance(check, MeasuredCheck):
+                continue
+            for name, value in check.metrics.items():
+                metric = f"lockngen_{check.metrics_prefix}_{name}"
+                lines += [
+                    f"# HELP {metric} {check.metrics_help.get(name, name)}",
+                    f"# TYPE {metric} gauge",
+                    f"{metric} {value:g}",
+                ]
+        lines.append("# EOF")
+        response.content = ("\n".join(lines) + "\n").encode()
+        return response
