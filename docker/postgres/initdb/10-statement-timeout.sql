@@ -1,0 +1,10 @@
+-- Runs once, when the postgres container initialises an empty volume, as
+-- POSTGRES_USER (the api's role).
+--
+-- The api normally sends its statement timeout as a startup option
+-- (DB_STATEMENT_TIMEOUT_MS), but PgBouncer refuses startup options it does
+-- not know, so behind PgBouncer (DB_PGBOUNCER=1) the timeout must live on the
+-- role. Setting it here gives every session the same 30 s bound, direct or
+-- pooled. Keep it below GUNICORN_TIMEOUT (60 s).
+-- For an existing volume run this statement once by hand (README).
+ALTER ROLE CURRENT_USER SET statement_timeout = '30s';
