@@ -57,18 +57,23 @@ def server_url() -> str:
     ).strip()
 
 
-def url_for(database: str, *, password: str | None = None, **query: str) -> str:
-    """``server_url()`` pointing at another database (same user and host).
+def url_for(
+    database: str,
+    *,
+    user: str | None = None,
+    password: str | None = None,
+    port: int | None = None,
+    **query: str,
+) -> str:
+    """``server_url()`` pointing at another database, user or port.
 
     With ``password`` the URL carries one (trust authentication ignores it),
     so tests can look for it in everything the service prints.
     """
     parts = urlsplit(server_url())
-    netloc = parts.netloc
-    if password is not None:
-        userinfo, _, hostport = netloc.rpartition("@")
-        user = userinfo.split(":", 1)[0] or "postgres"
-        netloc = f"{user}:{password}@{hostport}"
+    user = user or parts.username or "postgres"
+    netloc = f"{user}:{password}@" if password is not None else f"{user}@"
+    netloc += f"{parts.hostname or '127.0.0.1'}:{port or parts.port or 5432}"
     query_string = "&".join(f"{key}={value}" for key, value in query.items())
     return urlunsplit(
         parts._replace(netloc=netloc, path=f"/{database}", query=query_string)
@@ -90,17 +95,39 @@ def closed_port() -> int:
     return free_port()
 
 
+def scratch_name(prefix: str = "ops") -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:12]}"
+
+
 @contextlib.contextmanager
-def scratch_database(prefix: str = "ops") -> Iterator[str]:
+def scratch_database(prefix: str = "ops", *, owner: str | None = None) -> Iterator[str]:
     """A fresh empty database ``<prefix>_<hex>``; yields its name, drops it after."""
-    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    name = scratch_name(prefix)
+    owned_by = f' OWNER "{owner}"' if owner else ""
     with admin_connection() as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
+        conn.execute(f'CREATE DATABASE "{name}"{owned_by}')
     try:
         yield name
     finally:
         with admin_connection() as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextlib.contextmanager
+def scratch_role(prefix: str = "ops") -> Iterator[str]:
+    """A fresh login role ``<prefix>_<hex>`` (no password: trust auth); dropped after.
+
+    For settings that live on a role (``ALTER ROLE … SET``) without touching
+    the shared server's own roles.
+    """
+    name = scratch_name(prefix)
+    with admin_connection() as conn:
+        conn.execute(f'CREATE ROLE "{name}" LOGIN')
+    try:
+        yield name
+    finally:
+        with admin_connection() as conn:
+            conn.execute(f'DROP ROLE IF EXISTS "{name}"')
 
 
 def connection_count(database: str, application_name: str | None = None) -> int:
