@@ -69,6 +69,8 @@ INSTALLED_APPS = [
     "lockngen",
     "apikeys",
     "generations",
+    # Test-only apps (tests/migration_app), never set in deployments.
+    *env_list("LOCKNGEN_EXTRA_APPS"),
 ]
 
 MIDDLEWARE = [

@@ -1,12 +1,12 @@
 """Seed the development admin key (development only; production seeds nothing).
 
-Calls the same idempotent function as ``manage.py seed_dev_key``.
+Calls the same idempotent function as ``manage.py seed_dev_key``. Reversing it
+keeps the key: generations may point at it (PROTECT, so deleting it would fail
+at commit), and re-applying finds it again; ``migrate apikeys zero`` drops the
+table anyway.
 """
 
-from django.conf import settings
 from django.db import migrations
-
-from apikeys.keys import hash_key
 
 
 def seed(apps, schema_editor):
@@ -15,14 +15,7 @@ def seed(apps, schema_editor):
     api_key_seed_dev(model=apps.get_model("apikeys", "ApiKey"))
 
 
-def unseed(apps, schema_editor):
-    ApiKey = apps.get_model("apikeys", "ApiKey")
-    ApiKey._base_manager.filter(
-        key_hash=hash_key(settings.LOCKNGEN_DEV_API_KEY)
-    ).delete()
-
-
 class Migration(migrations.Migration):
     dependencies = [("apikeys", "0001_initial")]
 
-    operations = [migrations.RunPython(seed, unseed, elidable=False)]
+    operations = [migrations.RunPython(seed, migrations.RunPython.noop, elidable=False)]
