@@ -297,14 +297,16 @@ def transition_values(target: Status, *, lease_seconds: int = 0) -> dict[str, An
 class DurationMs(models.Func):
     """Whole milliseconds from a timestamp column to the database's now().
 
-    NULL when the job never started (queued → cancelled); never negative.
+    NULL when the job never started (queued → cancelled); never negative;
+    capped at the ``integer`` maximum (~24.8 days) instead of failing the
+    transition with "integer out of range".
     """
 
     output_field = models.IntegerField()
     template = (
-        "(CASE WHEN %(expressions)s IS NULL THEN NULL ELSE GREATEST(0, "
-        "(EXTRACT(EPOCH FROM (STATEMENT_TIMESTAMP() - %(expressions)s)) * 1000)"
-        "::integer) END)"
+        "(CASE WHEN %(expressions)s IS NULL THEN NULL ELSE GREATEST(0, LEAST("
+        "2147483647, EXTRACT(EPOCH FROM (STATEMENT_TIMESTAMP() - %(expressions)s))"
+        " * 1000))::integer END)"
     )
 
     def as_sqlite(self, compiler, connection, **extra_context):  # type: ignore[no-untyped-def]
