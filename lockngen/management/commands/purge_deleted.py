@@ -1,0 +1,104 @@
+"""Hard-delete soft-deleted rows older than N days, in batches.
+
+Generations go first: ``generations.api_key`` is PROTECT, so a key can only go
+once no generation (deleted or not) points at it; keys still referenced stay.
+Each batch is its own short transaction, so a large purge never holds locks
+for long and can be interrupted and resumed.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandParser
+from django.db import IntegrityError, transaction
+from django.db.models import Exists, OuterRef, ProtectedError, QuerySet
+from django.db.models.functions import Now
+
+from apikeys.models import ApiKey
+from generations.models import Generation
+
+logger = logging.getLogger(__name__)
+
+
+def positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise ValueError(value)
+    return number
+
+
+def non_negative(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError(value)
+    return number
+
+
+def purge(candidates: QuerySet, *, batch_size: int) -> int:
+    """Hard-delete ``candidates`` batch by batch; returns how many went."""
+    purged = 0
+    while True:
+        pks = candidates.order_by("pk").values_list("pk", flat=True)
+        batch = list(pks[:batch_size])
+        if not batch:
+            return purged
+        try:
+            with transaction.atomic():
+                count, _ = candidates.filter(pk__in=batch).hard_delete()
+        except (IntegrityError, ProtectedError):
+            # A generation began pointing at a key of this batch meanwhile.
+            logger.warning("purge_deleted: a batch is referenced again; stopped")
+            return purged
+        if not count:  # restored meanwhile: nothing left to do
+            return purged
+        purged += count
+
+
+class Command(BaseCommand):
+    help = (
+        "Hard-delete soft-deleted generations and API keys deleted more than "
+        "--older-than-days days ago, in batches (keys still referenced stay)."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument(
+            "--older-than-days",
+            type=non_negative,
+            required=True,
+            metavar="N",
+            help="purge rows soft-deleted more than N days ago",
+        )
+        parser.add_argument(
+            "--batch-size",
+            type=positive,
+            default=1000,
+            metavar="B",
+            help="rows deleted per transaction (default 1000)",
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        # The database clock decides, as it wrote deleted_at.
+        cutoff = Now() - timedelta(days=options["older_than_days"])
+        batch_size = options["batch_size"]
+
+        generations = purge(
+            Generation.all_objects.filter(is_deleted=True, deleted_at__lt=cutoff),
+            batch_size=batch_size,
+        )
+        old_keys = ApiKey.all_objects.filter(is_deleted=True, deleted_at__lt=cutoff)
+        referenced = Generation.all_objects.filter(api_key=OuterRef("pk"))
+        keys = purge(old_keys.filter(~Exists(referenced)), batch_size=batch_size)
+        kept = old_keys.filter(Exists(referenced)).count()
+
+        logger.info("purged %d generations and %d API keys", generations, keys)
+        self.stdout.write(
+            f"Purged {generations} generation(s) and {keys} API key(s) deleted "
+            f"more than {options['older_than_days']} day(s) ago."
+        )
+        if kept:
+            self.stdout.write(
+                f"Kept {kept} deleted API key(s) that generations still reference."
+            )
