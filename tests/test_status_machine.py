@@ -1,0 +1,271 @@
+"""The status machine of SPEC §3 and the lifecycle services built on it."""
+
+from __future__ import annotations
+
+import itertools
+from datetime import timedelta
+
+import pytest
+from django.db import connection
+from django.db.models import F
+from django.db.models.functions import Now
+from django.test.utils import CaptureQueriesContext
+
+from generations.models import TRANSITIONS, Generation, InvalidTransition, Status
+from generations.services import (
+    generation_cancel,
+    generation_claim_next,
+    generation_complete,
+    generation_fail,
+    generation_heartbeat,
+)
+from tests.factories import make_generation
+
+pytestmark = pytest.mark.django_db
+
+ALLOWED = {
+    (Status.QUEUED, Status.RUNNING),
+    (Status.RUNNING, Status.QUEUED),
+    (Status.QUEUED, Status.CANCELLED),
+    (Status.RUNNING, Status.COMPLETED),
+    (Status.RUNNING, Status.FAILED),
+    (Status.RUNNING, Status.CANCELLED),
+}
+PAIRS = list(itertools.product(Status, Status))
+
+
+def pair_id(pair: tuple[Status, Status]) -> str:
+    return f"{pair[0].label}->{pair[1].label}"
+
+
+def generation_in(status: Status) -> Generation:
+    generation = make_generation()
+    values = {"status": status}
+    if status != Status.QUEUED:
+        values |= {"started_at": Now(), "attempts": 1}
+    if status == Status.RUNNING:
+        values["lease_expires_at"] = Now() + timedelta(minutes=5)
+    if status in Status.terminal():
+        values["completed_at"] = Now()
+    Generation.all_objects.filter(pk=generation.pk).update(**values)
+    generation.refresh_from_db()
+    return generation
+
+
+def test_the_transition_table_is_the_spec():
+    assert {(s, t) for s, targets in TRANSITIONS.items() for t in targets} == ALLOWED
+
+
+@pytest.mark.parametrize(
+    ("source", "target"), sorted(ALLOWED), ids=[pair_id(p) for p in sorted(ALLOWED)]
+)
+def test_allowed_transition_is_applied(source, target):
+    generation = generation_in(source)
+
+    fields = generation.transition_to(target, lease_seconds=60)
+    generation.save(update_fields=fields)
+    generation.refresh_from_db()
+
+    assert generation.status == target
+    assert generation.updated_at is not None
+
+
+FORBIDDEN = [pair for pair in PAIRS if pair not in ALLOWED]
+
+
+@pytest.mark.parametrize(
+    ("source", "target"), FORBIDDEN, ids=[pair_id(pair) for pair in FORBIDDEN]
+)
+def test_forbidden_transition_raises_and_changes_nothing(source, target):
+    generation = generation_in(source)
+
+    with pytest.raises(InvalidTransition):
+        generation.transition_to(target)
+
+    assert Generation.objects.filter(pk=generation.pk).transition(target) == 0
+    assert Generation.objects.get(pk=generation.pk).status == source
+
+
+@pytest.mark.parametrize(
+    "terminal", sorted(Status.terminal()), ids=lambda status: status.label
+)
+def test_terminal_states_never_change(terminal):
+    generation = generation_in(terminal)
+
+    for target in Status:
+        assert not generation.can_transition_to(target)
+
+
+def test_bulk_transition_moves_only_rows_that_may_move():
+    queued, running, done = (
+        generation_in(Status.QUEUED),
+        generation_in(Status.RUNNING),
+        generation_in(Status.COMPLETED),
+    )
+
+    moved = Generation.objects.filter(
+        pk__in=[queued.pk, running.pk, done.pk]
+    ).transition(Status.CANCELLED)
+
+    assert moved == 2
+    assert Generation.objects.get(pk=done.pk).status == Status.COMPLETED
+
+
+def test_transition_timestamps_come_from_the_database_clock():
+    make_generation()
+
+    with CaptureQueriesContext(connection) as ctx:
+        generation_claim_next()
+
+    update = next(
+        q["sql"] for q in ctx.captured_queries if q["sql"].startswith("UPDATE")
+    )
+    assert "STATEMENT_TIMESTAMP()" in update
+
+
+def test_claim_sets_started_at_lease_and_attempts(settings):
+    settings.LEASE_SECONDS = 120
+    generation = make_generation()
+
+    claimed = generation_claim_next()
+
+    assert claimed.pk == generation.pk
+    assert claimed.status == Status.RUNNING
+    assert claimed.attempts == 1
+    assert claimed.updated_at == claimed.started_at
+    assert claimed.lease_expires_at == claimed.started_at + timedelta(seconds=120)
+
+
+def test_claim_takes_the_oldest_queued_job_and_skips_deleted_ones():
+    deleted = make_generation(name="deleted")
+    oldest = make_generation(name="oldest")
+    make_generation(name="newer")
+    deleted.delete()
+
+    assert generation_claim_next().pk == oldest.pk
+
+
+def test_claim_returns_none_when_nothing_is_queued():
+    generation_in(Status.COMPLETED)
+
+    assert generation_claim_next() is None
+
+
+def test_complete_sets_completed_at_duration_and_output():
+    generation = generation_in(Status.RUNNING)
+    Generation.objects.filter(pk=generation.pk).update(
+        started_at=Now() - timedelta(seconds=3)
+    )
+
+    done = generation_complete(
+        generation=generation, output_path="out/1.png", thumbnail_path="out/1.jpg"
+    )
+
+    assert done.status == Status.COMPLETED
+    assert (done.output_path, done.thumbnail_path) == ("out/1.png", "out/1.jpg")
+    assert done.lease_expires_at is None
+    assert done.completed_at >= done.created_at
+    elapsed_ms = (done.completed_at - done.started_at) / timedelta(milliseconds=1)
+    assert abs(done.duration_ms - elapsed_ms) <= 1
+    assert done.duration_ms >= 3000
+
+
+def test_fail_records_the_error():
+    failed = generation_fail(
+        generation=generation_in(Status.RUNNING), error_message="CUDA out of memory"
+    )
+
+    assert failed.status == Status.FAILED
+    assert failed.error_message == "CUDA out of memory"
+    assert failed.duration_ms is not None
+
+
+def test_cancelling_a_queued_job_has_no_duration():
+    cancelled = generation_cancel(generation=make_generation())
+
+    assert cancelled.status == Status.CANCELLED
+    assert cancelled.completed_at is not None
+    assert cancelled.duration_ms is None
+
+
+def test_duration_is_capped_instead_of_overflowing_integer():
+    generation = generation_in(Status.RUNNING)
+    Generation.objects.filter(pk=generation.pk).update(
+        started_at=Now() - timedelta(days=30)
+    )
+
+    assert generation_cancel(generation=generation).duration_ms == 2**31 - 1
+
+
+@pytest.mark.parametrize(
+    "terminal",
+    sorted(Status.terminal() - {Status.CANCELLED}),
+    ids=lambda status: status.label,
+)
+def test_services_refuse_to_move_terminal_jobs(terminal):
+    generation = generation_in(terminal)
+
+    with pytest.raises(InvalidTransition):
+        generation_cancel(generation=generation)
+    with pytest.raises(InvalidTransition):
+        generation_complete(generation=generation, output_path="x")
+    with pytest.raises(InvalidTransition):
+        generation_heartbeat(generation=generation)
+
+
+def test_heartbeat_extends_the_lease():
+    generation = generation_in(Status.RUNNING)
+    Generation.objects.filter(pk=generation.pk).update(lease_expires_at=F("started_at"))
+    before = Generation.objects.get(pk=generation.pk).lease_expires_at
+
+    assert generation_heartbeat(generation=generation).lease_expires_at > before
+
+
+def test_heartbeat_on_a_cancelled_job_returns_it_so_the_worker_stops():
+    generation = generation_in(Status.CANCELLED)
+
+    assert generation_heartbeat(generation=generation).status == Status.CANCELLED
+
+
+def test_heartbeat_on_a_queued_job_is_refused():
+    with pytest.raises(InvalidTransition):
+        generation_heartbeat(generation=make_generation())
+
+
+def expire_lease(generation: Generation) -> None:
+    Generation.objects.filter(pk=generation.pk).update(
+        lease_expires_at=Now() - timedelta(seconds=1)
+    )
+
+
+def test_expired_lease_is_claimed_again_then_fails_after_max_attempts(settings):
+    settings.MAX_ATTEMPTS = 3
+    generation = make_generation()
+
+    first = generation_claim_next()
+    expire_lease(first)
+    second = generation_claim_next()
+    assert (second.pk, second.status, second.attempts) == (
+        generation.pk,
+        Status.RUNNING,
+        2,
+    )
+    expire_lease(second)
+    third = generation_claim_next()
+    assert third.attempts == 3
+    expire_lease(third)
+
+    assert generation_claim_next() is None
+    failed = Generation.objects.get(pk=generation.pk)
+    assert failed.status == Status.FAILED
+    assert failed.attempts == 3
+    assert "lease expired" in failed.error_message
+
+
+def test_an_expired_lease_goes_before_the_queue_head():
+    stuck = make_generation(name="stuck")
+    generation_claim_next()
+    make_generation(name="waiting")
+    expire_lease(stuck)
+
+    assert generation_claim_next().pk == stuck.pk
