@@ -1,0 +1,262 @@
+"""Shared harness for the HTTP benchmarks: scratch database, gunicorn, keys.
+
+``scratch_database()`` creates ``bench_<random>`` on the ``DATABASE_URL``
+server, points this process's Django ``default`` connection at it, migrates
+it, and always drops it afterwards. ``gunicorn()`` serves ``bench.wsgi`` (the
+service's urls plus the bare baseline views of ``bench.urls``) with the
+project's own ``gunicorn.conf.py`` on a free 127.0.0.1 port, in production
+mode, and stops it (SIGTERM, then SIGKILL) on exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+HOST = "127.0.0.1"
+BOOT_TIMEOUT_SECONDS = 60
+STOP_TIMEOUT_SECONDS = 30
+# The service runs behind a TLS-terminating proxy (SPEC §2): with this header
+# production settings treat the request as HTTPS and do not redirect.
+PROXY_HEADERS = {"X-Forwarded-Proto": "https"}
+
+
+def database_url(settings_dict: dict[str, Any], name: str | None = None) -> str:
+    """``postgres://`` URL of a Django settings dict (password kept)."""
+    user = quote(settings_dict["USER"] or "", safe="")
+    if settings_dict["PASSWORD"]:
+        user += ":" + quote(settings_dict["PASSWORD"], safe="")
+    host = quote(settings_dict["HOST"] or "localhost", safe="")
+    port = settings_dict["PORT"] or 5432
+    return f"postgres://{user}@{host}:{port}/{name or settings_dict['NAME']}"
+
+
+def _admin_connection(settings_dict: dict[str, Any]) -> Any:
+    import psycopg
+
+    params = {
+        "host": settings_dict["HOST"] or None,
+        "port": settings_dict["PORT"] or None,
+        "user": settings_dict["USER"] or None,
+        "password": settings_dict["PASSWORD"] or None,
+        "dbname": settings_dict["NAME"],
+        "connect_timeout": 10,
+        "autocommit": True,
+    }
+    return psycopg.connect(**{k: v for k, v in params.items() if v is not None})
+
+
+@contextlib.contextmanager
+def scratch_database() -> Iterator[str]:
+    """A migrated ``bench_<random>`` database, current for this process's Django.
+
+    Yields its URL (for gunicorn). Dropped with ``WITH (FORCE)`` on the way
+    out, whatever happened, so no benchmark leaves data behind.
+    """
+    from django.core.management import call_command
+    from django.db import connections
+
+    settings_dict = connections["default"].settings_dict
+    if settings_dict["ENGINE"] != "lockngen.db":
+        raise SystemExit("the HTTP benchmarks need DATABASE_URL to point at PostgreSQL")
+    original = settings_dict["NAME"]
+    name = f"bench_{secrets.token_hex(6)}"
+    with _admin_connection(settings_dict) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        connections.close_all()
+        settings_dict["NAME"] = name
+        call_command("migrate", verbosity=0, interactive=False)
+        yield database_url(settings_dict, name)
+    finally:
+        connections.close_all()
+        settings_dict["NAME"] = original
+        with _admin_connection(settings_dict) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def redis_url() -> str | None:
+    """``REDIS_URL`` if set, else the local Redis if one answers, else None."""
+    configured = os.environ.get("REDIS_URL", "").strip()
+    if configured:
+        return configured
+    try:
+        with socket.create_connection((HOST, 6379), timeout=1) as sock:
+            sock.sendall(b"PING\r\n")
+            if sock.recv(16).startswith(b"+PONG"):
+                return f"redis://{HOST}:6379/0"
+    except OSError:
+        pass
+    return None
+
+
+@dataclass
+class Server:
+    port: int
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def request(
+    port: int,
+    method: str,
+    path: str,
+    *,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 10,
+) -> tuple[int, bytes, dict[str, str]]:
+    """One request on a fresh connection: ``(status, body, headers)``."""
+    connection = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    try:
+        connection.request(
+            method, path, body=body, headers={**PROXY_HEADERS, **(headers or {})}
+        )
+        response = connection.getresponse()
+        return response.status, response.read(), dict(response.getheaders())
+    finally:
+        connection.close()
+
+
+def server_env(database_url: str, port: int, **overrides: str) -> dict[str, str]:
+    """The environment gunicorn runs with: production, as deployed."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("DB_", "GUNICORN_", "DJANGO_"))
+        and key not in {"DEBUG", "REDIS_URL", "WEB_CONCURRENCY"}
+    }
+    env |= {
+        "LOCKNGEN_ENV": "production",
+        "SECRET_KEY": secrets.token_urlsafe(50),
+        "ALLOWED_HOSTS": HOST,
+        "DATABASE_URL": database_url,
+        "HOST": HOST,
+        "PORT": str(port),
+        "GUNICORN_LOG_LEVEL": "warning",
+        "LOG_LEVEL": "WARNING",
+        "PYTHONUNBUFFERED": "1",
+    }
+    redis = redis_url()
+    if redis:
+        env["REDIS_URL"] = redis
+    # WEB_CONCURRENCY / GUNICORN_THREADS keep gunicorn.conf.py's defaults
+    # (2 workers x 4 threads) unless the caller's environment sets them.
+    for name in ("WEB_CONCURRENCY", "GUNICORN_THREADS"):
+        if os.environ.get(name):
+            env[name] = os.environ[name]
+    env |= overrides
+    return env
+
+
+@contextlib.contextmanager
+def gunicorn(
+    database_url: str,
+    *,
+    app: str = "bench.wsgi:create_application()",
+    ready_path: str = "/health/live",
+    **env_overrides: str,
+) -> Iterator[Server]:
+    """gunicorn with the project's ``gunicorn.conf.py``; stopped on exit."""
+    port = free_port()
+    env = server_env(database_url, port, **env_overrides)
+    log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - lives as long as the server
+        prefix="bench-gunicorn-", suffix=".log", delete=False
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py", app],
+        cwd=BASE_DIR,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,  # the access log: one line per request
+        stderr=log,
+        start_new_session=True,
+    )
+    server = Server(port=port, process=process, log_path=Path(log.name), env=env)
+    try:
+        _wait_until_ready(server, ready_path)
+        yield server
+    finally:
+        _stop(process)
+        log.close()
+        Path(log.name).unlink(missing_ok=True)
+
+
+def _wait_until_ready(server: Server, path: str) -> None:
+    deadline = time.monotonic() + BOOT_TIMEOUT_SECONDS
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(
+                f"gunicorn exited with {server.process.returncode}:\n"
+                + server.log_tail()
+            )
+        try:
+            status, _, _ = request(server.port, "GET", path, timeout=2)
+        except OSError:
+            status = 0
+        if status == 200:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(
+        f"gunicorn not ready on {path} after {BOOT_TIMEOUT_SECONDS}s:\n"
+        + server.log_tail()
+    )
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=STOP_TIMEOUT_SECONDS)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+
+def worker_pids(server: Server) -> list[int]:
+    """gunicorn's worker processes (children of the arbiter), for profilers."""
+    try:
+        out = subprocess.run(
+            ["pgrep", "-P", str(server.process.pid)],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [int(pid) for pid in out.split()]
