@@ -1,0 +1,242 @@
+"""API keys: format, entropy, hashing, show-once, revocation, expiry, auth."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import string
+from datetime import timedelta
+
+import pytest
+from django.core.exceptions import ValidationError
+from django.core.management import CommandError, call_command
+from django.db import IntegrityError, connection, transaction
+from django.db.models.functions import Now
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+from apikeys.keys import (
+    DEFAULT_DEV_API_KEY,
+    KEY_PATTERN,
+    PREFIX_LENGTH,
+    generate_key,
+    hash_key,
+    is_valid_format,
+    key_prefix,
+)
+from apikeys.models import ApiKey
+from apikeys.services import (
+    api_key_authenticate,
+    api_key_create,
+    api_key_revoke,
+    api_key_seed_dev,
+)
+from tests.factories import make_api_key
+
+URL_SAFE = set(string.ascii_letters + string.digits + "-_")
+ALPHANUMERIC = set(string.ascii_letters + string.digits)
+
+
+# --- the raw key (no database) --------------------------------------------------
+
+
+def test_generated_key_has_the_documented_format():
+    raw_key = generate_key()
+    mark, public, secret = raw_key[:3], raw_key[3:11], raw_key[12:]
+
+    assert KEY_PATTERN.match(raw_key)
+    assert (mark, raw_key[11]) == ("lk_", "_")
+    assert set(public) <= ALPHANUMERIC
+    assert set(secret) <= URL_SAFE
+    assert key_prefix(raw_key) == raw_key[:PREFIX_LENGTH] == mark + public
+
+
+def test_generated_keys_carry_at_least_128_random_bits_and_never_repeat():
+    keys = [generate_key() for _ in range(2000)]
+    secrets_ = [key[12:] for key in keys]
+
+    assert min(len(secret) for secret in secrets_) * math.log2(64) >= 128
+    assert len(set(keys)) == len(keys)
+    assert len({key_prefix(key) for key in keys}) == len(keys)
+    # Every URL-safe character turns up: the secret uses the whole alphabet.
+    assert set("".join(secrets_)) == URL_SAFE
+
+
+@pytest.mark.parametrize(
+    "raw_key",
+    [
+        pytest.param("", id="empty"),
+        pytest.param("lk_abcdefgh_" + "a" * 31, id="secret-too-short"),
+        pytest.param("xx_abcdefgh_" + "a" * 43, id="wrong-mark"),
+        pytest.param("lk_abcdefg_" + "a" * 43, id="public-part-too-short"),
+        pytest.param("lk_abc-efgh_" + "a" * 43, id="public-part-not-alphanumeric"),
+        pytest.param("lk_abcdefgh_" + "a" * 42 + "\x00", id="nul-byte"),
+        pytest.param("lk_abcdefgh_" + "a" * 42 + "=", id="not-url-safe"),
+        pytest.param("lk_abcdefgh_" + "a" * 300, id="too-long"),
+    ],
+)
+def test_malformed_keys_are_recognised(raw_key):
+    assert not is_valid_format(raw_key)
+
+
+def test_hash_is_sha256_hex():
+    raw_key = generate_key()
+
+    assert hash_key(raw_key) == hashlib.sha256(raw_key.encode()).hexdigest()
+    assert len(hash_key(raw_key)) == 64
+
+
+# --- stored keys ----------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_only_the_hash_and_prefix_are_stored_and_the_raw_key_is_shown_once():
+    api_key, raw_key = api_key_create(name="worker", is_admin=True, rate_limit=0)
+
+    assert api_key.key_hash == hash_key(raw_key)
+    assert api_key.key_prefix == key_prefix(raw_key)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT row_to_json(api_keys)::text FROM api_keys WHERE id = %s",
+            [api_key.pk],
+        )
+        stored = cursor.fetchone()[0]
+    assert raw_key not in stored
+    assert raw_key[12:] not in stored
+    reloaded = ApiKey.objects.get(pk=api_key.pk)
+    assert raw_key not in repr(vars(reloaded))
+    assert raw_key not in str(reloaded)
+
+
+@pytest.mark.django_db
+def test_prefixes_are_unique_in_the_database():
+    api_key, _ = make_api_key()
+
+    with pytest.raises(IntegrityError, match="key_prefix"), transaction.atomic():
+        ApiKey.objects.create(
+            name="clash",
+            key_hash=hash_key(generate_key()),
+            key_prefix=api_key.key_prefix,
+        )
+
+
+@pytest.mark.django_db
+def test_revocation_is_one_way():
+    api_key, _ = make_api_key()
+
+    revoked = api_key_revoke(api_key=api_key)
+    first = revoked.revoked_at
+    assert first is not None
+    assert api_key_revoke(api_key=api_key).revoked_at == first  # idempotent
+
+    revoked.revoked_at = None
+    with pytest.raises(ValidationError):
+        revoked.full_clean()
+    with pytest.raises(ValidationError):
+        revoked.save()
+    assert ApiKey.objects.get(pk=api_key.pk).revoked_at == first
+
+
+@pytest.mark.django_db
+def test_expiry_makes_a_key_inactive():
+    past, _ = make_api_key(expires_at=timezone.now() - timedelta(seconds=1))
+    future, _ = make_api_key(expires_at=timezone.now() + timedelta(days=1))
+
+    assert not past.is_active
+    assert future.is_active
+
+
+# --- authentication ---------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_an_active_key_authenticates():
+    api_key, raw_key = make_api_key()
+
+    assert api_key_authenticate(raw_key) == api_key
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "state", ["revoked", "expired", "deleted", "unknown", "malformed"]
+)
+def test_authentication_refuses(state):
+    api_key, raw_key = make_api_key()
+    if state == "revoked":
+        api_key_revoke(api_key=api_key)
+    elif state == "expired":
+        ApiKey.objects.filter(pk=api_key.pk).update(
+            expires_at=Now() - timedelta(seconds=1)
+        )
+    elif state == "deleted":
+        api_key.delete()
+    elif state == "unknown":
+        raw_key = generate_key()
+    else:
+        raw_key = raw_key[:-40]
+
+    assert api_key_authenticate(raw_key) is None
+
+
+@pytest.mark.django_db
+def test_the_default_dev_key_works_in_development_only(settings):
+    settings.PRODUCTION = False
+    dev_key = api_key_seed_dev(raw_key=DEFAULT_DEV_API_KEY)
+    assert api_key_authenticate(DEFAULT_DEV_API_KEY) == dev_key
+
+    settings.PRODUCTION = True
+
+    assert api_key_authenticate(DEFAULT_DEV_API_KEY) is None
+
+
+def updates(context: CaptureQueriesContext) -> int:
+    return sum(q["sql"].startswith("UPDATE") for q in context.captured_queries)
+
+
+@pytest.mark.django_db
+def test_last_used_at_is_written_at_most_once_a_minute(django_assert_num_queries):
+    api_key, raw_key = make_api_key()
+
+    with CaptureQueriesContext(connection) as first:
+        api_key_authenticate(raw_key)
+    assert updates(first) == 1
+    assert ApiKey.objects.get(pk=api_key.pk).last_used_at is not None
+
+    with django_assert_num_queries(1):  # the lookup only, no write
+        api_key_authenticate(raw_key)
+
+    ApiKey.objects.filter(pk=api_key.pk).update(
+        last_used_at=timezone.now() - timedelta(minutes=2)
+    )
+    with CaptureQueriesContext(connection) as later:
+        api_key_authenticate(raw_key)
+    assert updates(later) == 1
+
+
+# --- seeding ------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_seed_dev_key_twice_leaves_one_key(settings):
+    settings.PRODUCTION = False
+    settings.LOCKNGEN_DEV_API_KEY = DEFAULT_DEV_API_KEY
+
+    call_command("seed_dev_key")
+    call_command("seed_dev_key")
+
+    keys = ApiKey.all_objects.filter(key_hash=hash_key(DEFAULT_DEV_API_KEY))
+    assert keys.count() == 1
+    assert keys.get().is_admin
+
+
+@pytest.mark.django_db
+def test_seed_dev_key_does_nothing_in_production(settings):
+    settings.PRODUCTION = True
+    ApiKey.all_objects.filter(key_hash=hash_key(DEFAULT_DEV_API_KEY)).hard_delete()
+
+    with pytest.raises(CommandError):
+        call_command("seed_dev_key")
+    assert api_key_seed_dev() is None
+    assert not ApiKey.all_objects.filter(
+        key_hash=hash_key(DEFAULT_DEV_API_KEY)
+    ).exists()
