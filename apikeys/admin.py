@@ -1,0 +1,116 @@
+"""API keys in the admin: list, search, filters, revoke, soft delete, restore.
+
+A key added here is created by ``api_key_create``; its raw value is shown once
+as a warning message and never again (only its prefix and hash are stored).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib import admin, messages
+from django.db.models import Q, QuerySet
+from django.db.models.functions import Now
+from django.forms import ModelForm
+from django.http import HttpRequest
+
+from apikeys.models import ApiKey
+from apikeys.services import api_key_create, api_key_revoke
+from lockngen.admin import SoftDeleteAdmin
+
+ADD_FIELDS = ("name", "is_admin", "rate_limit", "expires_at")
+READONLY_FIELDS = (
+    "key_prefix",
+    "key_hash",
+    "active",
+    "created_at",
+    "last_used_at",
+    "revoked_at",
+    "is_deleted",
+    "deleted_at",
+)
+
+
+def active_q() -> Q:
+    """Not revoked, not expired (database clock), not deleted."""
+    return Q(is_deleted=False, revoked_at__isnull=True) & (
+        Q(expires_at__isnull=True) | Q(expires_at__gt=Now())
+    )
+
+
+class ActiveFilter(admin.SimpleListFilter):
+    title = "active"
+    parameter_name = "active"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [("yes", "Yes"), ("no", "No")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        if self.value() == "yes":
+            return queryset.filter(active_q())
+        if self.value() == "no":
+            return queryset.exclude(active_q())
+        return queryset
+
+
+@admin.register(ApiKey)
+class ApiKeyAdmin(SoftDeleteAdmin):
+    list_display = (
+        "name",
+        "key_prefix",
+        "is_admin",
+        "rate_limit",
+        "last_used_at",
+        "active",
+        "created_at",
+    )
+    list_filter = (ActiveFilter, "is_admin", "is_deleted", "created_at")
+    search_fields = ("name", "^key_prefix")
+    date_hierarchy = "created_at"
+    actions = ["revoke", *SoftDeleteAdmin.soft_delete_actions]
+
+    @admin.display(boolean=True, description="active")
+    def active(self, obj: ApiKey) -> bool:
+        return obj.is_active
+
+    def get_fields(self, request: HttpRequest, obj: ApiKey | None = None) -> Any:
+        if obj is None:
+            return ADD_FIELDS
+        return ("name", "is_admin", "rate_limit", "expires_at", *READONLY_FIELDS)
+
+    def get_readonly_fields(
+        self, request: HttpRequest, obj: ApiKey | None = None
+    ) -> Any:
+        return () if obj is None else READONLY_FIELDS
+
+    def save_model(
+        self, request: HttpRequest, obj: ApiKey, form: ModelForm, change: bool
+    ) -> None:
+        if change:
+            super().save_model(request, obj, form, change)
+            return
+        data = form.cleaned_data
+        api_key, raw_key = api_key_create(
+            name=data["name"],
+            is_admin=data["is_admin"],
+            rate_limit=data["rate_limit"],
+            expires_at=data["expires_at"],
+        )
+        # The admin goes on with ``obj`` (log entry, redirect): make it the row.
+        for field in ApiKey._meta.concrete_fields:
+            setattr(obj, field.attname, getattr(api_key, field.attname))
+        obj._state.adding, obj._state.db = False, api_key._state.db
+        self.message_user(
+            request,
+            f"The new API key is {raw_key} — copy it now: it is shown only "
+            "this once and cannot be recovered.",
+            messages.WARNING,
+        )
+
+    @admin.action(permissions=["change"], description="Revoke selected API keys")
+    def revoke(self, request: HttpRequest, queryset: QuerySet) -> None:
+        count = 0
+        for api_key in queryset.filter(revoked_at__isnull=True):
+            api_key_revoke(api_key=api_key)
+            count += 1
+        self.message_user(request, f"Revoked {count} API key(s).")
