@@ -231,6 +231,7 @@ class Target:
     method: str = "GET"
     body: bytes | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    port: int | None = None  # a server of its own (else alternate()'s port)
 
 
 @dataclass(frozen=True)
@@ -269,7 +270,7 @@ class Cell:
 
 
 def alternate(
-    port: int,
+    port: int | None,
     targets: dict[str, Target],
     *,
     levels: tuple[int, ...],
@@ -280,7 +281,7 @@ def alternate(
     """For each concurrency level: A B C, A B C, … ``rounds`` times."""
     for target in targets.values():  # every worker and connection warmed up
         load(
-            port,
+            target.port or port,
             target.path,
             method=target.method,
             body=target.body,
@@ -295,7 +296,7 @@ def alternate(
             for name, target in targets.items():
                 runs[name].append(
                     load(
-                        port,
+                        target.port or port,
                         target.path,
                         method=target.method,
                         body=target.body,

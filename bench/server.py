@@ -33,6 +33,17 @@ STOP_TIMEOUT_SECONDS = 30
 # The service runs behind a TLS-terminating proxy (SPEC §2): with this header
 # production settings treat the request as HTTPS and do not redirect.
 PROXY_HEADERS = {"X-Forwarded-Proto": "https"}
+# The generation every HTTP benchmark reads or writes (9 client fields).
+SAMPLE_GENERATION = {
+    "name": "bench",
+    "prompt": "a lighthouse at dusk, volumetric light, 35mm",
+    "negative_prompt": "blurry, lowres",
+    "width": 1024,
+    "height": 768,
+    "steps": 30,
+    "guidance": 7.5,
+    "seed": 1234567890123,
+}
 
 
 def database_url(settings_dict: dict[str, Any], name: str | None = None) -> str:
@@ -121,6 +132,14 @@ class Server:
     def base_url(self) -> str:
         return f"http://{HOST}:{self.port}"
 
+    def describe(self) -> str:
+        return (
+            f"gunicorn {self.env.get('WEB_CONCURRENCY', '2')} workers x "
+            f"{self.env.get('GUNICORN_THREADS', '4')} gthread threads, production "
+            "settings, rate-limit cache "
+            f"{'Redis' if 'REDIS_URL' in self.env else 'local memory'}"
+        )
+
     def log_tail(self, lines: int = 30) -> str:
         try:
             text = self.log_path.read_text(errors="replace")
@@ -148,6 +167,26 @@ def request(
         return response.status, response.read(), dict(response.getheaders())
     finally:
         connection.close()
+
+
+def expect(
+    port: int,
+    method: str,
+    path: str,
+    status: int,
+    *,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[bytes, dict[str, str]]:
+    """One request that must answer ``status`` (before any load is measured)."""
+    got, content, response_headers = request(
+        port, method, path, body=body, headers=headers
+    )
+    if got != status:
+        raise RuntimeError(
+            f"{method} {path} answered {got}, not {status}: {content[:300]!r}"
+        )
+    return content, response_headers
 
 
 def server_env(database_url: str, port: int, **overrides: str) -> dict[str, str]:
