@@ -74,6 +74,10 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # Outermost: every response (probes included) gets an X-Request-ID, and
+    # any error under /api/ leaves as JSON whichever layer produced it.
+    "lockngen.requestid.RequestIDMiddleware",
+    "lockngen.api.ApiErrorsAsJsonMiddleware",
     # First: /health/live and /health/ready answer probes with any Host over
     # plain HTTP, before host validation and the HTTPS redirect (SPEC §2).
     "lockngen.probes.HealthProbeMiddleware",
@@ -186,19 +190,63 @@ if not is_valid_format(LOCKNGEN_DEV_API_KEY):
         'generate_key; print(generate_key())"'
     )
 
+# --- REST API (SPEC §5) ------------------------------------------------------
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": ["apikeys.auth.ApiKeyAuthentication"],
+    "DEFAULT_PERMISSION_CLASSES": ["apikeys.auth.HasApiKey"],
+    "DEFAULT_THROTTLE_CLASSES": [],  # the per-key limit lives in apikeys.auth
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "lockngen.api.api_exception_handler",
+    "UNAUTHENTICATED_USER": None,
+    "UNAUTHENTICATED_TOKEN": None,
+}
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "LockN Gen persistence service",
+    "DESCRIPTION": (
+        "Generation jobs and API keys. Authenticate with "
+        "`Authorization: Bearer <key>` or `X-API-Key: <key>`."
+    ),
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SERVE_AUTHENTICATION": [],
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
+    "SCHEMA_PATH_PREFIX": r"/api/v1",
+    "COMPONENT_SPLIT_REQUEST": True,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+}
+
 # --- Logging -----------------------------------------------------------------
 
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {
-        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+        "plain": {
+            "format": "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
+        },
     },
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": "plain",
+            "filters": ["request_id"],
+        }
+    },
     "root": {"handlers": ["console"], "level": env.get("LOG_LEVEL", "INFO")},
-    "filters": {"health_warnings": {"()": "lockngen.health.DropDegradedTracebacks"}},
+    "filters": {
+        "health_warnings": {"()": "lockngen.health.DropDegradedTracebacks"},
+        "request_id": {"()": "lockngen.requestid.RequestIDLogFilter"},
+    },
     "loggers": {
         "django.db.backends": {"level": "INFO"},
+        # Through the root handler only (one line, with the request id).
+        "django": {"handlers": [], "level": "INFO"},
         "health_check": {"filters": ["health_warnings"]},
     },
 }

@@ -1,7 +1,11 @@
 from django.conf import settings
 from django.contrib import admin
-from django.urls import path
+from django.urls import include, path, re_path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from apikeys.api import ApiKeyViewSet
+from generations.api import GenerationViewSet
+from lockngen import api
 from lockngen.health import HealthView
 
 # /health/ (SPEC §6); /health/live and /health/ready are answered by
@@ -17,7 +21,18 @@ health_checks = [
 if settings.DATABASES["default"].get("OPTIONS", {}).get("pool"):
     health_checks.append("lockngen.health.ConnectionPool")
 
+# REST API (SPEC §5): every route with or without its trailing slash.
+api_v1 = api.OptionalSlashRouter()
+api_v1.register("generations", GenerationViewSet, basename="generation")
+api_v1.register("keys", ApiKeyViewSet, basename="apikey")
+
 urlpatterns = [
+    path("api/v1/", include(api_v1.urls)),
+    re_path(r"^api/schema/?$", SpectacularAPIView.as_view(), name="schema"),
+    re_path(
+        r"^api/docs/?$", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"
+    ),
+    re_path(r"^api(?:/.*)?$", api.not_found),  # JSON 404s, DEBUG or not
     path("admin/", admin.site.urls),
     path("health/", HealthView.as_view(checks=health_checks), name="health"),
 ]

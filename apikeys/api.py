@@ -1,0 +1,194 @@
+"""API key management over HTTP (admin keys), plus ``GET /keys/me``.
+
+The raw key appears in exactly one response: the one that creates it. No
+response ever contains the hash.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from http import HTTPStatus
+from typing import Any
+
+from django.utils import timezone
+from drf_spectacular.utils import OpenApiParameter, extend_schema_view
+from rest_framework import exceptions, serializers
+from rest_framework.decorators import action
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from apikeys.auth import HasApiKey, IsAdminKey
+from apikeys.models import ApiKey
+from apikeys.services import api_key_create, api_key_revoke
+from lockngen.api import (
+    ADMIN_ERRORS,
+    AUTH_ERRORS,
+    BAD_REQUEST,
+    UNSUPPORTED_MEDIA_TYPE,
+    ApiViewSet,
+    StrictBooleanField,
+    StrictCharField,
+    StrictIntegerField,
+    StrictSerializer,
+    created,
+    documented,
+    error,
+    get_or_404,
+    iso_datetime,
+    model_field,
+    paginate,
+    parse_uuid,
+    validated,
+)
+
+
+def api_key_json(api_key: ApiKey) -> dict[str, Any]:
+    """The API shape of a key (SPEC §5): never the hash, never the raw key."""
+    return {
+        "id": str(api_key.id),
+        "name": api_key.name,
+        "prefix": api_key.prefix,
+        "is_admin": api_key.is_admin,
+        "rate_limit": api_key.rate_limit,
+        "created_at": iso_datetime(api_key.created_at),
+        "last_used_at": iso_datetime(api_key.last_used_at),
+        "expires_at": iso_datetime(api_key.expires_at),
+        "revoked_at": iso_datetime(api_key.revoked_at),
+        "is_active": api_key.is_active,
+    }
+
+
+class ApiKeySerializer(serializers.Serializer):
+    """Documents ``api_key_json`` for the schema."""
+
+    id = serializers.UUIDField(read_only=True)
+    name = serializers.CharField(read_only=True)
+    prefix = serializers.CharField(
+        read_only=True, help_text="The key's first 11 characters (lk_ + 8)."
+    )
+    is_admin = serializers.BooleanField(read_only=True)
+    rate_limit = serializers.IntegerField(
+        read_only=True, help_text="Requests per minute; 0 = unlimited."
+    )
+    created_at = serializers.DateTimeField(read_only=True)
+    last_used_at = serializers.DateTimeField(read_only=True, allow_null=True)
+    expires_at = serializers.DateTimeField(read_only=True, allow_null=True)
+    revoked_at = serializers.DateTimeField(read_only=True, allow_null=True)
+    is_active = serializers.BooleanField(read_only=True)
+
+    def to_representation(self, instance: ApiKey) -> dict[str, Any]:
+        return api_key_json(instance)
+
+
+class NewApiKeySerializer(ApiKeySerializer):
+    key = serializers.CharField(
+        read_only=True, help_text="The raw key. Shown once: store it now."
+    )
+
+
+def in_the_future(value: datetime | None) -> None:
+    if value is not None and value <= timezone.now():
+        raise serializers.ValidationError("Must be in the future.")
+
+
+class ApiKeyCreateSerializer(StrictSerializer):
+    """A new key; ``rate_limit`` is requests per minute (0 = unlimited)."""
+
+    name = model_field(ApiKey, "name", StrictCharField)
+    is_admin = model_field(ApiKey, "is_admin", StrictBooleanField)
+    rate_limit = model_field(ApiKey, "rate_limit", StrictIntegerField)
+    expires_at = model_field(
+        ApiKey,
+        "expires_at",
+        serializers.DateTimeField,
+        extra_validators=(in_the_future,),
+    )
+
+
+ID = "API key id."
+DETAIL_ERRORS = {
+    **BAD_REQUEST,
+    **ADMIN_ERRORS,
+    HTTPStatus.NOT_FOUND: error("No such key, or deleted."),
+}
+
+
+@extend_schema_view(
+    list=documented(
+        "List API keys, newest first",
+        responses={HTTPStatus.OK: ApiKeySerializer, **BAD_REQUEST, **ADMIN_ERRORS},
+    ),
+    create=documented(
+        "Create an API key (the raw key is returned once)",
+        request=ApiKeyCreateSerializer,
+        parameters=[
+            OpenApiParameter(
+                "Location",
+                str,
+                OpenApiParameter.HEADER,
+                response=[HTTPStatus.CREATED],
+                description="URL of the new key.",
+            )
+        ],
+        responses={
+            HTTPStatus.CREATED: NewApiKeySerializer,
+            **BAD_REQUEST,
+            **ADMIN_ERRORS,
+            **UNSUPPORTED_MEDIA_TYPE,
+        },
+    ),
+    retrieve=documented(
+        "Read an API key",
+        id_description=ID,
+        responses={HTTPStatus.OK: ApiKeySerializer, **DETAIL_ERRORS},
+    ),
+    destroy=documented(
+        "Delete an API key (soft; it stops working at once)",
+        id_description=ID,
+        responses={HTTPStatus.NO_CONTENT: None, **DETAIL_ERRORS},
+    ),
+    revoke=documented(
+        "Revoke an API key for good",
+        id_description=ID,
+        request=None,
+        responses={HTTPStatus.OK: ApiKeySerializer, **DETAIL_ERRORS},
+    ),
+    me=documented(
+        "The calling key (any key)",
+        responses={HTTPStatus.OK: ApiKeySerializer, **AUTH_ERRORS},
+    ),
+)
+class ApiKeyViewSet(ApiViewSet):
+    """API keys (admin keys only, except ``/keys/me``)."""
+
+    def get_permissions(self) -> list[Any]:
+        if self.action == "me":
+            return [HasApiKey()]
+        return [IsAdminKey()]
+
+    def list(self, request: Request) -> Response:
+        return paginate(self, ApiKey.objects.all(), api_key_json)
+
+    def create(self, request: Request) -> Response:
+        fields = validated(ApiKeyCreateSerializer, request.data)
+        api_key, raw_key = api_key_create(**fields)
+        body = {**api_key_json(api_key), "key": raw_key}
+        return created(body, request, f"/api/v1/keys/{api_key.id}")
+
+    def retrieve(self, request: Request, id: str) -> Response:
+        return Response(api_key_json(get_or_404(ApiKey.objects.all(), id)))
+
+    def destroy(self, request: Request, id: str) -> Response:
+        deleted, _ = ApiKey.objects.filter(pk=parse_uuid(id)).delete()
+        if not deleted:
+            raise exceptions.NotFound()
+        return Response(status=HTTPStatus.NO_CONTENT)
+
+    @action(detail=True, methods=["post"])
+    def revoke(self, request: Request, id: str) -> Response:
+        api_key = api_key_revoke(api_key=get_or_404(ApiKey.objects.all(), id))
+        return Response(api_key_json(api_key))
+
+    @action(detail=False, methods=["get"])
+    def me(self, request: Request) -> Response:
+        return Response(api_key_json(request.auth))

@@ -1,0 +1,459 @@
+"""Generations over HTTP: validate → service → plain-dict JSON.
+
+Clients create, list, read, rename, cancel and delete their own jobs; workers
+(admin keys) claim jobs, keep their lease alive and report the outcome. The
+output is built by ``generation_json`` (a plain function, not serializer field
+machinery: the read path is the hot path). ``GenerationSerializer`` exists to
+document that shape in the OpenAPI schema.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from http import HTTPStatus
+from typing import Any
+
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.db.models import QuerySet
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema_view
+from rest_framework import exceptions, serializers
+from rest_framework.decorators import action
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from apikeys.auth import HasApiKey, IsAdminKey
+from generations.models import Generation, InvalidTransition, Status
+from generations.services import (
+    IdempotencyConflict,
+    generation_cancel,
+    generation_claim_next,
+    generation_complete,
+    generation_create,
+    generation_fail,
+    generation_heartbeat,
+    generation_update,
+)
+from lockngen.api import (
+    ADMIN_ERRORS,
+    AUTH_ERRORS,
+    BAD_REQUEST,
+    UNSUPPORTED_MEDIA_TYPE,
+    ApiViewSet,
+    ConflictSerializer,
+    StrictCharField,
+    StrictFloatField,
+    StrictIntegerField,
+    StrictSerializer,
+    created,
+    documented,
+    error,
+    get_or_404,
+    iso_datetime,
+    model_field,
+    paginate,
+    parse_uuid,
+    validated,
+)
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+IDEMPOTENCY_MAX_LENGTH = Generation._meta.get_field("idempotency_key").max_length
+GUIDANCE_DECIMALS = 2
+STATUS_NAMES = {status.value: status.label for status in Status}
+STATUS_BY_NAME = {status.label: status.value for status in Status}
+
+
+# --- Output ------------------------------------------------------------------
+
+
+def generation_json(generation: Generation) -> dict[str, Any]:
+    """The API shape of a generation (SPEC §5)."""
+    g = generation
+    return {
+        "id": str(g.id),
+        "name": g.name,
+        "prompt": g.prompt,
+        "negative_prompt": g.negative_prompt,
+        "model": g.model,
+        "width": g.width,
+        "height": g.height,
+        "steps": g.steps,
+        # Stored as real (7.55 reads back as 7.550000190734863).
+        "guidance": round(g.guidance, GUIDANCE_DECIMALS),
+        "seed": g.seed,
+        "status": STATUS_NAMES[g.status],
+        "prompt_id": g.prompt_id,
+        "output_path": g.output_path,
+        "thumbnail_path": g.thumbnail_path,
+        "error_message": g.error_message,
+        "created_at": iso_datetime(g.created_at),
+        "updated_at": iso_datetime(g.updated_at),
+        "started_at": iso_datetime(g.started_at),
+        "completed_at": iso_datetime(g.completed_at),
+        "duration_ms": g.duration_ms,
+        "attempts": g.attempts,
+        "lease_expires_at": iso_datetime(g.lease_expires_at),
+    }
+
+
+def _out(name: str, field_class: type[serializers.Field]) -> Any:
+    return model_field(
+        Generation, name, field_class, read_only=True, default=serializers.empty
+    )
+
+
+class GenerationSerializer(serializers.Serializer):
+    """Documents ``generation_json`` for the schema."""
+
+    id = serializers.UUIDField(read_only=True)
+    name = _out("name", serializers.CharField)
+    prompt = _out("prompt", serializers.CharField)
+    negative_prompt = _out("negative_prompt", serializers.CharField)
+    model = _out("model", serializers.CharField)
+    width = _out("width", serializers.IntegerField)
+    height = _out("height", serializers.IntegerField)
+    steps = _out("steps", serializers.IntegerField)
+    guidance = _out("guidance", serializers.FloatField)
+    seed = _out("seed", serializers.IntegerField)
+    status = serializers.ChoiceField(choices=list(STATUS_BY_NAME), read_only=True)
+    prompt_id = _out("prompt_id", serializers.CharField)
+    output_path = _out("output_path", serializers.CharField)
+    thumbnail_path = _out("thumbnail_path", serializers.CharField)
+    error_message = _out("error_message", serializers.CharField)
+    created_at = serializers.DateTimeField(read_only=True)
+    updated_at = serializers.DateTimeField(read_only=True, allow_null=True)
+    started_at = serializers.DateTimeField(read_only=True, allow_null=True)
+    completed_at = serializers.DateTimeField(read_only=True, allow_null=True)
+    duration_ms = serializers.IntegerField(read_only=True, allow_null=True)
+    attempts = serializers.IntegerField(read_only=True)
+    lease_expires_at = serializers.DateTimeField(read_only=True, allow_null=True)
+
+    def to_representation(self, instance: Generation) -> dict[str, Any]:
+        return generation_json(instance)
+
+
+# --- Input -------------------------------------------------------------------
+
+
+def at_most_two_decimals(value: float) -> None:
+    exponent = Decimal(repr(value)).as_tuple().exponent
+    if isinstance(exponent, int) and exponent < -GUIDANCE_DECIMALS:
+        raise DjangoValidationError(
+            f"Ensure that there are no more than {GUIDANCE_DECIMALS} decimal places.",
+            code="max_decimal_places",
+        )
+
+
+def _in(name: str, field_class: type[serializers.Field], **kwargs: Any) -> Any:
+    return model_field(Generation, name, field_class, **kwargs)
+
+
+MULTIPLE_OF_8 = "A multiple of 8."
+
+
+class GenerationCreateSerializer(StrictSerializer):
+    """A new job; omitted fields take the defaults shown."""
+
+    name = _in("name", StrictCharField)
+    prompt = _in("prompt", StrictCharField)
+    negative_prompt = _in("negative_prompt", StrictCharField)
+    model = _in("model", StrictCharField)
+    width = _in("width", StrictIntegerField, help_text=MULTIPLE_OF_8)
+    height = _in("height", StrictIntegerField, help_text=MULTIPLE_OF_8)
+    steps = _in("steps", StrictIntegerField)
+    guidance = _in(
+        "guidance",
+        StrictFloatField,
+        extra_validators=(at_most_two_decimals,),
+        help_text="At most 2 decimal places.",
+    )
+    seed = _in("seed", StrictIntegerField)
+
+
+class GenerationUpdateSerializer(StrictSerializer):
+    """Fields to change; ``prompt_id`` needs an admin key."""
+
+    name = _in("name", StrictCharField)
+    prompt_id = _in("prompt_id", StrictCharField, help_text="Admin keys only.")
+
+
+class GenerationCompleteSerializer(StrictSerializer):
+    """The worker's result."""
+
+    output_path = _in("output_path", StrictCharField, required=True, allow_null=False)
+    thumbnail_path = _in("thumbnail_path", StrictCharField)
+    prompt_id = _in("prompt_id", StrictCharField)
+
+
+class GenerationFailSerializer(StrictSerializer):
+    """Why the job failed."""
+
+    error_message = _in("error_message", StrictCharField)
+
+
+class GenerationFilterSerializer(StrictSerializer):
+    status = serializers.ChoiceField(choices=list(STATUS_BY_NAME), required=False)
+    model = _in("model", StrictCharField, default=serializers.empty)
+
+
+def idempotency_key(request: Request) -> str | None:
+    value = request.headers.get(IDEMPOTENCY_HEADER)
+    if value is None:
+        return None
+    if not 0 < len(value) <= IDEMPOTENCY_MAX_LENGTH or not all(
+        " " <= ch <= "~" for ch in value
+    ):
+        raise exceptions.ValidationError(
+            {
+                IDEMPOTENCY_HEADER: [
+                    f"Must be 1 to {IDEMPOTENCY_MAX_LENGTH} printable ASCII characters."
+                ]
+            }
+        )
+    return value
+
+
+# --- Views -------------------------------------------------------------------
+
+ID = "Generation id."
+NOT_FOUND = {
+    HTTPStatus.NOT_FOUND: error("No such generation, deleted, or not this key's.")
+}
+CONFLICT = {
+    HTTPStatus.CONFLICT: error(
+        "Not allowed in the current status (named in the body).", ConflictSerializer
+    )
+}
+OK = {HTTPStatus.OK: GenerationSerializer}
+
+
+@extend_schema_view(
+    create=documented(
+        "Queue a generation",
+        request=GenerationCreateSerializer,
+        parameters=[
+            OpenApiParameter(
+                IDEMPOTENCY_HEADER,
+                str,
+                OpenApiParameter.HEADER,
+                description=(
+                    "Up to 100 printable ASCII characters; a repeat with the "
+                    "same key returns the original generation (200)."
+                ),
+            ),
+            OpenApiParameter(
+                "Location",
+                str,
+                OpenApiParameter.HEADER,
+                response=[HTTPStatus.CREATED],
+                description="URL of the new generation.",
+            ),
+        ],
+        responses={
+            HTTPStatus.CREATED: GenerationSerializer,
+            HTTPStatus.OK: OpenApiResponse(
+                GenerationSerializer, description="Idempotent repeat: the original."
+            ),
+            **BAD_REQUEST,
+            **AUTH_ERRORS,
+            HTTPStatus.CONFLICT: error(
+                "The Idempotency-Key belongs to a deleted generation."
+            ),
+            **UNSUPPORTED_MEDIA_TYPE,
+        },
+    ),
+    list=documented(
+        "List generations (own; admin: all), newest first",
+        parameters=[
+            OpenApiParameter("status", str, enum=list(STATUS_BY_NAME)),
+            OpenApiParameter("model", str),
+        ],
+        responses={**OK, **BAD_REQUEST, **AUTH_ERRORS},
+    ),
+    retrieve=documented(
+        "Read a generation",
+        id_description=ID,
+        responses={**OK, **BAD_REQUEST, **AUTH_ERRORS, **NOT_FOUND},
+    ),
+    partial_update=documented(
+        "Rename (admin: also set prompt_id)",
+        id_description=ID,
+        request=GenerationUpdateSerializer,
+        responses={
+            **OK,
+            **BAD_REQUEST,
+            **AUTH_ERRORS,
+            HTTPStatus.FORBIDDEN: error("prompt_id needs an admin key."),
+            **NOT_FOUND,
+            **UNSUPPORTED_MEDIA_TYPE,
+        },
+    ),
+    destroy=documented(
+        "Delete a generation (soft)",
+        id_description=ID,
+        responses={
+            HTTPStatus.NO_CONTENT: None,
+            **BAD_REQUEST,
+            **AUTH_ERRORS,
+            **NOT_FOUND,
+        },
+    ),
+    cancel=documented(
+        "Cancel a queued or running generation",
+        id_description=ID,
+        request=None,
+        responses={**OK, **BAD_REQUEST, **AUTH_ERRORS, **NOT_FOUND, **CONFLICT},
+    ),
+    claim=documented(
+        "Worker: claim the next job (expired leases first, then the oldest queued)",
+        request=None,
+        responses={
+            **OK,
+            HTTPStatus.NO_CONTENT: OpenApiResponse(description="Nothing to do."),
+            **ADMIN_ERRORS,
+        },
+    ),
+    heartbeat=documented(
+        "Worker: extend the lease (a cancelled job is returned as is: stop)",
+        id_description=ID,
+        request=None,
+        responses={**OK, **BAD_REQUEST, **ADMIN_ERRORS, **NOT_FOUND, **CONFLICT},
+    ),
+    complete=documented(
+        "Worker: report success",
+        id_description=ID,
+        request=GenerationCompleteSerializer,
+        responses={
+            **OK,
+            **BAD_REQUEST,
+            **ADMIN_ERRORS,
+            **NOT_FOUND,
+            **CONFLICT,
+            **UNSUPPORTED_MEDIA_TYPE,
+        },
+    ),
+    fail=documented(
+        "Worker: report failure",
+        id_description=ID,
+        request=GenerationFailSerializer,
+        responses={
+            **OK,
+            **BAD_REQUEST,
+            **ADMIN_ERRORS,
+            **NOT_FOUND,
+            **CONFLICT,
+            **UNSUPPORTED_MEDIA_TYPE,
+        },
+    ),
+)
+class GenerationViewSet(ApiViewSet):
+    """Image-generation jobs: clients queue and follow them, workers run them."""
+
+    WORKER_ACTIONS = frozenset({"claim", "heartbeat", "complete", "fail"})
+
+    def get_permissions(self) -> list[Any]:
+        if self.action in self.WORKER_ACTIONS:
+            return [IsAdminKey()]
+        return [HasApiKey()]
+
+    def visible(self) -> QuerySet:
+        """What the calling key may see: its own generations; admin: all."""
+        return Generation.objects.for_key(self.request.auth)
+
+    def list(self, request: Request) -> Response:
+        params = request.query_params
+        filters = validated(
+            GenerationFilterSerializer,
+            {name: params[name] for name in ("status", "model") if name in params},
+        )
+        queryset = self.visible()
+        if "status" in filters:
+            queryset = queryset.filter(status=STATUS_BY_NAME[filters["status"]])
+        if "model" in filters:
+            queryset = queryset.filter(model=filters["model"])
+        return paginate(self, queryset, generation_json)
+
+    def create(self, request: Request) -> Response:
+        key = idempotency_key(request)
+        fields = validated(GenerationCreateSerializer, request.data)
+        try:
+            generation, is_new = generation_create(
+                api_key=request.auth, idempotency_key=key, **fields
+            )
+        except IdempotencyConflict:
+            return Response(
+                {
+                    "detail": "This Idempotency-Key belongs to a deleted generation.",
+                    "code": "idempotency_key_reused",
+                },
+                status=HTTPStatus.CONFLICT,
+            )
+        body = generation_json(generation)
+        if not is_new:
+            return Response(body, headers={"Idempotent-Replayed": "true"})
+        return created(body, request, f"/api/v1/generations/{generation.id}")
+
+    def retrieve(self, request: Request, id: str) -> Response:
+        return Response(generation_json(get_or_404(self.visible(), id)))
+
+    def partial_update(self, request: Request, id: str) -> Response:
+        generation = get_or_404(self.visible(), id)
+        fields = validated(GenerationUpdateSerializer, request.data, partial=True)
+        if "prompt_id" in fields and not request.auth.is_admin:
+            raise exceptions.PermissionDenied("Only admin keys may set prompt_id.")
+        if fields:
+            generation = generation_update(generation=generation, **fields)
+        return Response(generation_json(generation))
+
+    def destroy(self, request: Request, id: str) -> Response:
+        deleted, _ = self.visible().filter(pk=parse_uuid(id)).delete()
+        if not deleted:
+            raise exceptions.NotFound()
+        return Response(status=HTTPStatus.NO_CONTENT)
+
+    @action(detail=True, methods=["post"])
+    def cancel(self, request: Request, id: str) -> Response:
+        return self._transition(id, "cancel", generation_cancel)
+
+    @action(detail=False, methods=["post"])
+    def claim(self, request: Request) -> Response:
+        generation = generation_claim_next()
+        if generation is None:
+            return Response(status=HTTPStatus.NO_CONTENT)
+        return Response(generation_json(generation))
+
+    @action(detail=True, methods=["post"])
+    def heartbeat(self, request: Request, id: str) -> Response:
+        return self._transition(id, "heartbeat", generation_heartbeat)
+
+    @action(detail=True, methods=["post"])
+    def complete(self, request: Request, id: str) -> Response:
+        generation = get_or_404(self.visible(), id)
+        fields = validated(GenerationCompleteSerializer, request.data)
+        return self._transition(generation, "complete", generation_complete, **fields)
+
+    @action(detail=True, methods=["post"])
+    def fail(self, request: Request, id: str) -> Response:
+        generation = get_or_404(self.visible(), id)
+        fields = validated(GenerationFailSerializer, request.data)
+        return self._transition(generation, "fail", generation_fail, **fields)
+
+    def _transition(
+        self, generation: Generation | str, verb: str, service: Any, **fields: Any
+    ) -> Response:
+        if not isinstance(generation, Generation):
+            generation = get_or_404(self.visible(), generation)
+        try:
+            generation = service(generation=generation, **fields)
+        except Generation.DoesNotExist:  # deleted since it was read
+            raise exceptions.NotFound() from None
+        except InvalidTransition as exc:
+            current = exc.current.label
+            return Response(
+                {
+                    "detail": f"Cannot {verb} a generation that is {current}.",
+                    "code": "invalid_transition",
+                    "status": current,
+                },
+                status=HTTPStatus.CONFLICT,
+            )
+        return Response(generation_json(generation))
