@@ -78,8 +78,9 @@ MIDDLEWARE = [
     # any error under /api/ leaves as JSON whichever layer produced it.
     "lockngen.requestid.RequestIDMiddleware",
     "lockngen.api.ApiErrorsAsJsonMiddleware",
-    # First: /health/live and /health/ready answer probes with any Host over
-    # plain HTTP, before host validation and the HTTPS redirect (SPEC §2).
+    # Before anything that validates the Host or redirects to HTTPS:
+    # /health/live and /health/ready answer probes with any Host over plain
+    # HTTP (SPEC §2). Nothing above it may call request.get_host().
     "lockngen.probes.HealthProbeMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",

@@ -65,6 +65,7 @@ def test_development_start_migrates_seeds_and_serves_through_gunicorn(tmp_path):
         try:
             server.start(wait=False)  # no arguments: gunicorn by default
             ready = server.wait_for_status("/health/ready", HTTPStatus.OK)
+            traced = server.get("/health/ready", X_Request_ID="ops-entrypoint-42")
         finally:
             server.stop()
         migrations = query(name, "SELECT count(*) FROM django_migrations")
@@ -82,6 +83,8 @@ def test_development_start_migrates_seeds_and_serves_through_gunicorn(tmp_path):
     assert f"Listening at: http://127.0.0.1:{server.port}" in log  # gunicorn.conf.py
     assert "Using worker: gthread" in log
     assert '"GET /health/ready HTTP/1.1" 200' in log  # access log on stdout
+    assert traced.headers["X-Request-ID"] == "ops-entrypoint-42"
+    assert "request_id=ops-entrypoint-42" in log  # correlates with app logs
     assert restart.returncode == 0, restart.stderr
     assert "No migrations to apply." in restart.stdout
     assert reseeded == 1

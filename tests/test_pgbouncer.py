@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psycopg
 import pytest
@@ -168,3 +169,49 @@ def test_health_is_ready_through_pgbouncer(pooled, tmp_path):
     assert json.loads(report.body)["status"] == "healthy", report.body
     log = pooled.bouncer.log_path.read_text()
     assert f"login attempt: db={pooled.database} user={pooled.role}" in log
+
+
+def test_api_smoke_path_through_pgbouncer(pooled, tmp_path):
+    """Create, list two pages, claim, heartbeat, complete — all through PgBouncer."""
+    with serving(pooled.env(), log_path=tmp_path / "server.log") as server:
+
+        def call(method: str, path: str, payload: dict | None = None):
+            response = server.request(
+                method,
+                path,
+                headers=AUTH | {"Content-Type": "application/json"},
+                body=None if payload is None else json.dumps(payload).encode(),
+            )
+            return response.status, json.loads(response.body or "null")
+
+        created = [
+            call("POST", "/api/v1/generations", {"prompt": f"lighthouse {n}"})
+            for n in range(3)
+        ]
+        first_status, first = call("GET", "/api/v1/generations?page_size=2")
+        following = urlsplit(first["next"])
+        second_status, second = call("GET", f"{following.path}?{following.query}")
+        claim_status, claimed = call("POST", "/api/v1/generations/claim")
+        job = f"/api/v1/generations/{claimed['id']}"
+        beat_status, beat = call("POST", f"{job}/heartbeat")
+        done_status, done = call(
+            "POST", f"{job}/complete", {"output_path": "/renders/lighthouse.png"}
+        )
+        read_status, read = call("GET", job)
+
+    assert [status for status, _ in created] == [HTTPStatus.CREATED] * 3
+    created_ids = {generation["id"] for _, generation in created}
+    assert (first_status, second_status) == (HTTPStatus.OK, HTTPStatus.OK)
+    pages = [first["results"], second["results"]]
+    assert [len(page) for page in pages] == [2, 1]
+    assert {generation["id"] for page in pages for generation in page} == created_ids
+    assert second["next"] is None
+    assert claim_status == HTTPStatus.OK
+    assert (claimed["status"], claimed["attempts"]) == ("running", 1)
+    assert claimed["id"] in created_ids
+    assert (beat_status, beat["status"]) == (HTTPStatus.OK, "running")
+    assert beat["lease_expires_at"] >= claimed["lease_expires_at"]
+    assert (done_status, done["status"]) == (HTTPStatus.OK, "completed")
+    assert done["output_path"] == "/renders/lighthouse.png"
+    assert done["duration_ms"] >= 0
+    assert (read_status, read["status"]) == (HTTPStatus.OK, "completed")
