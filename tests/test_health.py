@@ -12,6 +12,7 @@ import json
 import subprocess
 from http import HTTPStatus
 
+import psycopg
 import pytest
 
 from tests.serving import (
@@ -299,6 +300,30 @@ def test_pending_migrations_on_a_fresh_database_are_unhealthy(tmp_path):
     assert checks["Database(alias='default')"] == "OK"
     assert "migration(s) pending" in checks["Migrations(alias='default')"]
     assert checks["QueueGauges(alias='default')"].startswith("Unavailable")
+
+
+def test_ready_remembers_once_no_migration_was_pending(tmp_path):
+    with scratch_database() as name:
+        env = process_env(DATABASE_URL=url_for(name), REDIS_URL=REDIS_URL)
+        with serving(env, log_path=tmp_path / "server.log") as server:
+            before = server.get("/health/ready")
+            migrated = manage("migrate", "--noinput", env=env)
+            after = server.get("/health/ready")
+            with psycopg.connect(url_for(name), autocommit=True) as conn:
+                conn.execute(
+                    "DELETE FROM django_migrations"
+                    " WHERE app = 'apikeys' AND name = '0002_seed_dev_key'"
+                )
+            remembered = server.get("/health/ready")
+            report = server.get("/health/?format=json")
+    assert before.status == HTTPStatus.SERVICE_UNAVAILABLE
+    assert migrated.returncode == 0, migrated.stderr
+    assert after.status == HTTPStatus.OK
+    # Migrations are only ever applied: once seen, ready stops reading the graph.
+    assert remembered.status == HTTPStatus.OK
+    # The full report looks every time.
+    assert report.status == HTTPStatus.SERVICE_UNAVAILABLE
+    assert "apikeys.0002_seed_dev_key" in report.body
 
 
 # --- production: probes with any Host over plain HTTP ----------------------------
