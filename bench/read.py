@@ -1,0 +1,92 @@
+"""Read path: GET /api/v1/generations/{id} vs a bare Django view (SPEC §9).
+
+One gunicorn (the project's ``gunicorn.conf.py``: gthread, same workers and
+threads, production settings, Redis rate-limit cache) serves ``bench.wsgi``:
+the service's urls plus ``/bench/generations/{id}``, a bare view doing
+``Generation.objects.values(...).get(pk=...)`` → ``JsonResponse`` with no
+DRF, no auth, no throttle. Same middleware, same row shape; only the view
+differs. Three sides, alternated A B C A B C at each concurrency level, load
+from wrk on loopback:
+
+- bare view (the baseline);
+- API with a normal key whose rate limit is huge, so the O(1) throttle (a
+  Redis counter) runs on every request, as in production;
+- API with an unlimited key (``rate_limit=0``: workers), no throttle.
+"""
+
+from __future__ import annotations
+
+from bench import load, server
+
+LEVELS = (1, 8, 32)
+ROUNDS = 3
+DURATION = 2
+SMOKE_LEVELS = (1, 8)
+SMOKE_ROUNDS = 1
+SMOKE_DURATION = 1
+RATIO_TARGET = 0.7
+HUGE_RATE_LIMIT = 1_000_000_000  # per minute: never reached, always counted
+
+BARE = "bare Django view"
+THROTTLED = "API, key rate_limit=1e9"
+UNLIMITED = "API, key rate_limit=0"
+
+
+def run(*, smoke: bool = False) -> bool:
+    from apikeys.services import api_key_create
+    from generations.services import generation_create
+
+    wrk = load.ensure_wrk(install=not smoke)
+    levels = SMOKE_LEVELS if smoke else LEVELS
+    rounds = SMOKE_ROUNDS if smoke else ROUNDS
+    duration = SMOKE_DURATION if smoke else DURATION
+    with server.scratch_database() as url:
+        throttled, throttled_raw = api_key_create(
+            name="bench reader", rate_limit=HUGE_RATE_LIMIT
+        )
+        unlimited, unlimited_raw = api_key_create(name="bench worker", rate_limit=0)
+        # Each key reads its own row (a non-admin key sees only its own);
+        # the two rows are identical apart from id and owner.
+        row, _ = generation_create(api_key=throttled, **server.SAMPLE_GENERATION)
+        twin, _ = generation_create(api_key=unlimited, **server.SAMPLE_GENERATION)
+        proxy = server.PROXY_HEADERS
+        targets = {
+            BARE: load.Target(f"/bench/generations/{row.pk}", headers=proxy),
+            THROTTLED: load.Target(
+                f"/api/v1/generations/{row.pk}",
+                headers={**proxy, "X-API-Key": throttled_raw},
+            ),
+            UNLIMITED: load.Target(
+                f"/api/v1/generations/{twin.pk}",
+                headers={**proxy, "X-API-Key": unlimited_raw},
+            ),
+        }
+        with server.gunicorn(url) as srv:
+            checked = {
+                name: server.expect(
+                    srv.port, "GET", target.path, 200, headers=target.headers
+                )[1]
+                for name, target in targets.items()
+            }
+            if "X-RateLimit-Remaining" not in checked[THROTTLED]:
+                raise RuntimeError("the rate-limited key got no X-RateLimit headers")
+            table = load.alternate(
+                srv.port, targets, levels=levels, rounds=rounds, duration=duration
+            )
+            print(
+                f"GET one generation by id; {srv.describe()}; load: "
+                f"{'wrk' if wrk else 'Python client'} on 127.0.0.1, {rounds} round(s) "
+                f"x {duration} s per cell, sides alternated; ratio = median over "
+                f"rounds of API req/s / bare req/s"
+            )
+            ratios = load.print_table(table, baseline=BARE)
+    errors = sum(cell.errors for cells in table.values() for cell in cells.values())
+    worst = min(value for row_ in ratios.values() for value in row_.values())
+    throttled_worst = min(row_[THROTTLED] for row_ in ratios.values())
+    met = throttled_worst >= RATIO_TARGET and errors == 0
+    print(
+        f"API (throttled key) / bare, worst level: {throttled_worst:.2f}; "
+        f"worst of both keys: {worst:.2f} (target >= {RATIO_TARGET}): "
+        f"{'met' if met else 'MISSED'}; errors: {errors}"
+    )
+    return met
