@@ -309,7 +309,10 @@ class StrictFloatField(serializers.FloatField):
     def to_internal_value(self, data: Any) -> float:
         if type(data) not in (int, float):
             self.fail("invalid")
-        return float(data)
+        try:
+            return float(data)
+        except OverflowError:  # a JSON integer beyond float's range (10**400)
+            self.fail("invalid")
 
 
 class StrictCharField(serializers.CharField):
