@@ -222,6 +222,9 @@ SPECTACULAR_SETTINGS = {
     "REDOC_DIST": "SIDECAR",
 }
 
+# Error pages and reports hide DATABASE_URL / REDIS_URL like other secrets.
+DEFAULT_EXCEPTION_REPORTER_FILTER = "lockngen.reporting.CredentialsFilter"
+
 # --- Logging -----------------------------------------------------------------
 
 LOGGING = {

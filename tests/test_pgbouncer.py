@@ -147,6 +147,13 @@ def test_the_role_statement_timeout_reaches_sessions_through_pgbouncer(pooled):
         assert conn.execute("SHOW statement_timeout").fetchone() == ("30s",)
 
 
+def test_the_role_time_zone_is_utc_so_django_never_sets_it_per_session(pooled):
+    # A session-level SET TIME ZONE would leak between clients under
+    # transaction pooling; with the role in UTC Django has nothing to set.
+    with psycopg.connect(pooled.url()) as conn:
+        assert conn.execute("SHOW timezone").fetchone() == ("UTC",)
+
+
 def test_db_pgbouncer_is_what_lets_the_service_connect(pooled):
     """Without it our backend sends startup options, which PgBouncer refuses."""
     on = manage("wait_for_db", "--timeout", "1", env=pooled.env())

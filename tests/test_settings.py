@@ -195,3 +195,16 @@ def test_unknown_environment_name_is_refused():
     assert result.returncode != 0
     assert "LOCKNGEN_ENV" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.sqlite_smoke
+def test_debug_error_reports_hide_connection_urls(rf):
+    from django.views.debug import get_exception_reporter_filter
+
+    request = rf.get("/")
+    request.META["DATABASE_URL"] = URL
+    request.META["REDIS_URL"] = "redis://:hunter2@cache:6379/0"
+    meta = get_exception_reporter_filter(request).get_safe_request_meta(request)
+    assert "s3cr3t-pw" not in str(meta)
+    assert "hunter2" not in str(meta)
+    assert meta["DATABASE_URL"] == "********************"

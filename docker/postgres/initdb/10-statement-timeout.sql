@@ -8,3 +8,7 @@
 -- pooled. Keep it below GUNICORN_TIMEOUT (60 s).
 -- For an existing volume run this statement once by hand (README).
 ALTER ROLE CURRENT_USER SET statement_timeout = '30s';
+-- Django works in UTC. Directly connected, the api sends TimeZone as a startup
+-- option; behind PgBouncer it cannot, and a per-session SET TIME ZONE does not
+-- survive transaction pooling, so the role carries it too.
+ALTER ROLE CURRENT_USER SET timezone = 'UTC';
