@@ -50,7 +50,7 @@ class Reply:
 def environment(database_url: str, *, production: bool = True, **env: str) -> dict:
     """The service's environment: only what the test gives it (``tests.serving``)."""
     return process_env(
-        DATABASE_URL=database_url, **(PRODUCTION if production else {}), **env
+        **{"DATABASE_URL": database_url, **(PRODUCTION if production else {}), **env}
     )
 
 
