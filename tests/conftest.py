@@ -110,3 +110,92 @@ def make_backend(django_db_blocker):
                 backend.close()
             with contextlib.suppress(Exception):
                 backend.close_pool()
+
+
+# --- REST API clients (tests/test_api*.py, test_auth*.py, test_ratelimit.py) ---
+
+
+class ApiClient:
+    """Django's test client speaking JSON to ``/api/v1`` with one API key."""
+
+    def __init__(self, client, raw_key: str | None) -> None:
+        self.client = client
+        self.raw_key = raw_key
+
+    def request(self, method: str, path: str, body=None, *, headers=None, **extra):
+        import json
+
+        all_headers = {}
+        if self.raw_key is not None:
+            all_headers["Authorization"] = f"Bearer {self.raw_key}"
+        all_headers.update(headers or {})
+        if body is not None and not isinstance(body, bytes | str):
+            body = json.dumps(body)
+        url = path if path.startswith(("/", "http")) else f"/api/v1/{path}"
+        return self.client.generic(
+            method,
+            url,
+            body if body is not None else b"",
+            content_type=extra.pop("content_type", "application/json"),
+            headers=all_headers,
+            **extra,
+        )
+
+    def get(self, path: str, **kwargs):
+        return self.request("GET", path, **kwargs)
+
+    def post(self, path: str, body=None, **kwargs):
+        return self.request("POST", path, body, **kwargs)
+
+    def patch(self, path: str, body=None, **kwargs):
+        return self.request("PATCH", path, body, **kwargs)
+
+    def delete(self, path: str, **kwargs):
+        return self.request("DELETE", path, **kwargs)
+
+
+@pytest.fixture
+def api_as(db):
+    """``api_as(raw_key)`` → an ``ApiClient`` (``None``: no credentials)."""
+    from django.test import Client
+
+    return lambda raw_key: ApiClient(Client(), raw_key)
+
+
+@pytest.fixture
+def admin_key(db):
+    """``(ApiKey, raw)``: an unlimited admin key (a worker)."""
+    from tests.factories import make_api_key
+
+    return make_api_key(name="worker", is_admin=True, rate_limit=0)
+
+
+@pytest.fixture
+def owner_key(db):
+    """``(ApiKey, raw)``: an unlimited client key."""
+    from tests.factories import make_api_key
+
+    return make_api_key(name="owner", rate_limit=0)
+
+
+@pytest.fixture
+def other_key(db):
+    """``(ApiKey, raw)``: another unlimited client key."""
+    from tests.factories import make_api_key
+
+    return make_api_key(name="other", rate_limit=0)
+
+
+@pytest.fixture
+def admin_api(api_as, admin_key):
+    return api_as(admin_key[1])
+
+
+@pytest.fixture
+def owner_api(api_as, owner_key):
+    return api_as(owner_key[1])
+
+
+@pytest.fixture
+def other_api(api_as, other_key):
+    return api_as(other_key[1])

@@ -1,0 +1,129 @@
+"""SPEC §5, keys: admin key management and GET /keys/me."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from http import HTTPStatus
+
+from django.utils import timezone
+
+from apikeys.keys import hash_key
+from apikeys.models import ApiKey
+from tests.factories import make_api_key
+
+KEY_FIELDS = {
+    "id",
+    "name",
+    "prefix",
+    "is_admin",
+    "rate_limit",
+    "created_at",
+    "last_used_at",
+    "expires_at",
+    "revoked_at",
+    "is_active",
+}
+
+
+def test_create_returns_the_raw_key_once_and_it_works(admin_api, api_as):
+    expires = (timezone.now() + timedelta(days=7)).replace(microsecond=0)
+    response = admin_api.post(
+        "keys",
+        {
+            "name": "render farm",
+            "is_admin": True,
+            "rate_limit": 0,
+            "expires_at": expires.isoformat(),
+        },
+    )
+
+    assert response.status_code == HTTPStatus.CREATED
+    body = response.json()
+    assert set(body) == KEY_FIELDS | {"key"}
+    assert response["Location"] == f"http://testserver/api/v1/keys/{body['id']}"
+    assert body["prefix"] == body["key"][:11]
+    assert (body["name"], body["is_admin"], body["rate_limit"]) == (
+        "render farm",
+        True,
+        0,
+    )
+    assert body["expires_at"] == expires.isoformat().replace("+00:00", "Z")
+    assert body["is_active"] is True
+    stored = ApiKey.objects.get(pk=body["id"])
+    assert stored.key_hash == hash_key(body["key"])
+    assert api_as(body["key"]).get("keys/me").json()["id"] == body["id"]
+
+
+def test_create_defaults(admin_api):
+    body = admin_api.post("keys", {"name": "client"}).json()
+    assert (body["is_admin"], body["rate_limit"], body["expires_at"]) == (
+        False,
+        100,
+        None,
+    )
+
+
+def test_list_and_retrieve_never_show_a_hash_or_raw_key(admin_api, admin_key):
+    created = admin_api.post("keys", {"name": "secret"}).json()
+
+    listed = admin_api.get("keys").json()
+    one = admin_api.get(f"keys/{created['id']}").json()
+
+    assert {k["id"] for k in listed["results"]} >= {created["id"], str(admin_key[0].pk)}
+    for shown in [*listed["results"], one]:
+        assert set(shown) == KEY_FIELDS
+        text = str(shown)
+        assert created["key"] not in text
+        assert hash_key(created["key"]) not in text
+    assert listed["results"][0]["id"] == created["id"]  # newest first
+
+
+def test_keys_page_with_a_cursor(admin_api):
+    for i in range(5):
+        make_api_key(name=f"k{i}")
+    first = admin_api.get("keys?page_size=2").json()
+    second = admin_api.get(first["next"]).json()
+
+    assert len(first["results"]) == len(second["results"]) == 2
+    assert not {k["id"] for k in first["results"]} & {
+        k["id"] for k in second["results"]
+    }
+
+
+def test_revoke_is_immediate_and_idempotent(admin_api, api_as):
+    target, raw = make_api_key(name="leaked")
+    assert api_as(raw).get("keys/me").status_code == HTTPStatus.OK
+
+    response = admin_api.post(f"keys/{target.pk}/revoke")
+
+    assert response.status_code == HTTPStatus.OK
+    revoked_at = response.json()["revoked_at"]
+    assert revoked_at is not None
+    assert response.json()["is_active"] is False
+    assert api_as(raw).get("keys/me").status_code == HTTPStatus.UNAUTHORIZED
+    again = admin_api.post(f"keys/{target.pk}/revoke/")
+    assert again.json()["revoked_at"] == revoked_at
+
+
+def test_delete_is_soft_and_stops_the_key(admin_api, api_as):
+    target, raw = make_api_key(name="old")
+
+    response = admin_api.delete(f"keys/{target.pk}")
+
+    assert response.status_code == HTTPStatus.NO_CONTENT
+    assert ApiKey.all_objects.get(pk=target.pk).is_deleted
+    assert admin_api.get(f"keys/{target.pk}").status_code == HTTPStatus.NOT_FOUND
+    assert admin_api.delete(f"keys/{target.pk}").status_code == HTTPStatus.NOT_FOUND
+    assert api_as(raw).get("keys/me").status_code == HTTPStatus.UNAUTHORIZED
+
+
+def test_me_is_the_calling_key(owner_api, owner_key):
+    for path in ("keys/me", "keys/me/"):
+        body = owner_api.get(path).json()
+        assert set(body) == KEY_FIELDS
+        assert body["id"] == str(owner_key[0].pk)
+        assert body["last_used_at"] is not None
+
+
+def test_unknown_key_id_is_404(admin_api):
+    assert admin_api.get("keys/00000000-0000-0000-0000-000000000000").status_code == 404
