@@ -226,9 +226,14 @@ def gunicorn(
     *,
     app: str = "bench.wsgi:create_application()",
     ready_path: str = "/health/live",
+    cwd: Path = BASE_DIR,
     **env_overrides: str,
 ) -> Iterator[Server]:
-    """gunicorn with the project's ``gunicorn.conf.py``; stopped on exit."""
+    """gunicorn with the project's ``gunicorn.conf.py``; stopped on exit.
+
+    ``cwd`` may point at another checkout, to compare two versions of the
+    code side by side against one database.
+    """
     port = free_port()
     env = server_env(database_url, port, **env_overrides)
     log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - lives as long as the server
@@ -236,7 +241,7 @@ def gunicorn(
     )
     process = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py", app],
-        cwd=BASE_DIR,
+        cwd=cwd,
         env=env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,  # the access log: one line per request
