@@ -2,9 +2,10 @@
 
 Authentication is one indexed lookup per request (``api_key_authenticate``),
 with no cache, so a revoked key fails on its very next request. The rate limit
-is a fixed one-minute window per key: ``SET NX EX`` + ``INCR`` pipelined in
-Redis (one cache round trip), ``cache.incr`` / ``cache.add`` on other cache
-backends (local memory). O(1) either way.
+is a fixed one-minute window per key: one atomic script (``INCR``, plus
+``EXPIRE`` on a window's first request) in Redis, one round trip;
+``cache.incr`` / ``cache.add`` on other cache backends (local memory). O(1)
+either way.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,21 +158,19 @@ def rate_limit_hit(
 COUNTER_TTL_SECONDS = 2 * RATE_LIMIT_WINDOW_SECONDS
 
 
+# INCR, and give the counter its lifetime when this request created it. A Lua
+# script is atomic: there is no moment when a counter exists without a TTL.
+_INCR_SCRIPT = """
+local count = redis.call('INCR', KEYS[1])
+if count == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
+return count
+"""
+
+
 def _increment(counter: str) -> int:
     backend = caches["default"]
     if isinstance(backend, RedisCache):
-        key = backend.make_and_validate_key(counter)
-        # One round trip instead of Django's two (RedisCache.incr sends EXISTS,
-        # then INCRBY) or three (a window's first request also add()s): +9%
-        # req/s on the read path, docs/PERFORMANCE.md "Read path". SET NX
-        # creates the counter with its lifetime only if it is missing; INCR
-        # keeps that lifetime. Through the client (and pool) Django's cache
-        # holds, so the key and the value format stay the cache's own.
-        client = backend._cache.get_client(key, write=True)
-        with client.pipeline(transaction=False) as pipe:
-            pipe.set(key, 0, ex=COUNTER_TTL_SECONDS, nx=True)
-            pipe.incr(key)
-            return int(pipe.execute()[1])
+        return _redis_incr(backend)(backend.make_and_validate_key(counter))
     # incr first: in the common case the window's counter exists already.
     try:
         return cache.incr(counter)
@@ -179,6 +179,26 @@ def _increment(counter: str) -> int:
     if cache.add(counter, 1, timeout=COUNTER_TTL_SECONDS):
         return 1
     return cache.incr(counter)  # another request created it first
+
+
+def _redis_incr(backend: RedisCache) -> Callable[[str], int]:
+    """The counter script, bound to a client of this cache's connection pool.
+
+    One round trip (EVALSHA) per request, where Django's RedisCache.incr needs
+    two (EXISTS, INCRBY) plus an add() on a window's first request. The client
+    is kept on the backend (one per thread, as Django keeps caches): RedisCache
+    builds a new ``redis.Redis`` for every call, which costs more than the
+    round trip itself (docs/PERFORMANCE.md, "Read path").
+    """
+    incr = getattr(backend, "_lockngen_rate_limit_incr", None)
+    if incr is None:
+        script = backend._cache.get_client(write=True).register_script(_INCR_SCRIPT)
+
+        def incr(key: str) -> int:
+            return int(script(keys=[key], args=[COUNTER_TTL_SECONDS]))
+
+        backend._lockngen_rate_limit_incr = incr  # type: ignore[attr-defined]
+    return incr
 
 
 class RateLimited(exceptions.Throttled):

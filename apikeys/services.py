@@ -20,6 +20,7 @@ from apikeys.keys import (
     key_prefix,
 )
 from apikeys.models import ApiKey
+from lockngen.prepared import PreparedQuery
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,12 @@ def api_key_revoke(*, api_key: ApiKey) -> ApiKey:
     return api_key
 
 
+# Every API request runs this lookup: compiled to SQL once (lockngen.prepared).
+_ACTIVE_KEY_BY_HASH = PreparedQuery(
+    lambda key_hash: ApiKey.objects.filter(key_hash=key_hash), key_hash="0" * 64
+)
+
+
 def api_key_authenticate(raw_key: str) -> ApiKey | None:
     """The active key for ``raw_key``, or None. One indexed lookup by hash.
 
@@ -67,7 +74,7 @@ def api_key_authenticate(raw_key: str) -> ApiKey | None:
         return None
     if raw_key == DEFAULT_DEV_API_KEY and settings.PRODUCTION:
         return None
-    api_key = ApiKey.objects.filter(key_hash=hash_key(raw_key)).first()
+    api_key = _ACTIVE_KEY_BY_HASH.first(key_hash=hash_key(raw_key))
     if api_key is None or not api_key.is_active:
         return None
     _touch_last_used(api_key)

@@ -22,6 +22,7 @@ def assert_401(response) -> None:
     assert "X-RateLimit-Limit" not in response
 
 
+@pytest.mark.sqlite_smoke
 @pytest.mark.parametrize(
     "header",
     [

@@ -156,3 +156,27 @@ def test_the_limit_is_shared_by_processes_through_redis(
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1]) == [200, 200, 429]
     assert api.get("keys/me").status_code == HTTPStatus.TOO_MANY_REQUESTS
+
+
+def test_a_redis_counter_gets_a_lifetime_on_its_first_request(db, settings):
+    import redis
+    from django.core.cache import caches
+
+    settings.CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_URL,
+        }
+    }
+    api_key, _ = make_api_key(rate_limit=10)
+    now = 1_000_000 * RATE_LIMIT_WINDOW_SECONDS + 1.0
+
+    assert rate_limit_hit(api_key, now=now).remaining == 9
+    assert rate_limit_hit(api_key, now=now + 1).remaining == 8
+
+    window = int(now // RATE_LIMIT_WINDOW_SECONDS)
+    key = caches["default"].make_and_validate_key(
+        f"ratelimit:{api_key.pk.hex}:{window}"
+    )
+    ttl = redis.Redis.from_url(REDIS_URL).ttl(key)
+    assert 0 < ttl <= 2 * RATE_LIMIT_WINDOW_SECONDS
