@@ -23,8 +23,8 @@ import time
 from bench import load, server
 
 LEVELS = (1, 8, 32)
-ROUNDS = 3
-DURATION = 2
+ROUNDS = 5
+DURATION = 1
 SMOKE_LEVELS = (1, 8)
 SMOKE_ROUNDS = 1
 SMOKE_DURATION = 1
