@@ -91,6 +91,7 @@ def drain(port: int, raw_keys: list[str]) -> tuple[float, list[list[str]], int]:
 
 
 def run(*, smoke: bool = False) -> bool:
+    load_at_start = server.machine()
     from django.db import connection
 
     from apikeys.services import api_key_create
@@ -154,4 +155,5 @@ def run(*, smoke: bool = False) -> bool:
         f"every job claimed exactly once at {', '.join(map(str, WORKERS))} workers: "
         f"{'met' if met else 'MISSED'}"
     )
+    print(f"machine: {load_at_start} at start, {server.machine()} at end")
     return met

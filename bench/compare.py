@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> None:
         "req/s / the bare view's"
     )
     load.print_table(table, baseline="bare", label="checkout")
+    print(f"machine: {server.machine()}")
 
 
 if __name__ == "__main__":

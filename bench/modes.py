@@ -55,6 +55,7 @@ def held_connections(database: str) -> dict[str, int]:
 
 
 def run(*, smoke: bool = False) -> bool:
+    load_at_start = server.machine()
     from django.db import connection
 
     from apikeys.services import api_key_create
@@ -102,4 +103,5 @@ def run(*, smoke: bool = False) -> bool:
     )
     print(f"vs the default: {summary}")
     # No target in SPEC §9: this table is the evidence for the default.
+    print(f"machine: {load_at_start} at start, {server.machine()} at end")
     return True

@@ -260,6 +260,7 @@ def sample(
 
 
 def run(*, smoke: bool = False) -> bool:
+    load_at_start = server.machine()
     from apikeys.services import api_key_create
 
     rows = SMOKE_ROWS if smoke else ROWS
@@ -334,4 +335,5 @@ def run(*, smoke: bool = False) -> bool:
         f"page {quiet_ratio:.2f}; planned indexes: "
         f"{'all used' if indexed else 'NOT all used'}: {'met' if met else 'MISSED'}"
     )
+    print(f"machine: {load_at_start} at start, {server.machine()} at end")
     return met

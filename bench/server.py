@@ -100,6 +100,11 @@ def scratch_database() -> Iterator[str]:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def machine() -> str:
+    """CPUs and the 1-minute load average: other work on the box skews ratios."""
+    return f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((HOST, 0))

@@ -30,6 +30,7 @@ UNLIMITED = "API, key rate_limit=0"
 
 
 def run(*, smoke: bool = False) -> bool:
+    load_at_start = server.machine()
     from apikeys.services import api_key_create
     from generations.models import Generation
 
@@ -104,4 +105,5 @@ def run(*, smoke: bool = False) -> bool:
         f"worst of both keys: {worst:.2f} (target >= {RATIO_TARGET}): "
         f"{'met' if met else 'MISSED'}; errors: {errors}"
     )
+    print(f"machine: {load_at_start} at start, {server.machine()} at end")
     return met
