@@ -19,7 +19,6 @@ from generations.models import Generation, InvalidTransition, Status
 
 logger = logging.getLogger(__name__)
 
-IDEMPOTENCY_CONSTRAINT = "generations_idempotency_key_uniq"
 EXPIRED_SWEEP_BATCH = 100
 
 
@@ -47,12 +46,14 @@ def generation_create(
         with transaction.atomic():
             generation.save(force_insert=True)
         return generation, True
-    except IntegrityError as exc:
-        if IDEMPOTENCY_CONSTRAINT not in str(exc):
+    except IntegrityError:
+        # Whichever constraint refused the row, a row holding this key is the
+        # answer (the error text names the constraint only on PostgreSQL).
+        original = Generation.all_objects.filter(
+            api_key=api_key, idempotency_key=idempotency_key
+        ).first()
+        if original is None:
             raise
-    original = Generation.all_objects.get(
-        api_key=api_key, idempotency_key=idempotency_key
-    )
     if original.is_deleted:
         raise IdempotencyConflict(idempotency_key)
     return original, False

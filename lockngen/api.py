@@ -245,6 +245,8 @@ class ApiViewSet(ViewSet):
     throttle_classes: list[Any] = []  # the per-key limit runs right after auth
     content_negotiation_class = JsonOnlyNegotiation
     metadata_class = None
+    # No OPTIONS: without a metadata class DRF would list it in Allow, then 405.
+    http_method_names = ["get", "post", "patch", "delete", "head"]
     pagination_class = KeysetPagination  # list actions; also documents them
     lookup_field = "id"
     # Any segment reaches the view, so a malformed id is a 400, not a 404.

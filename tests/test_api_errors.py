@@ -43,10 +43,11 @@ def test_unknown_api_paths_are_json_404(api_as, debug, path):
     assert_json_error(api_as(None).get(path), HTTPStatus.NOT_FOUND)
 
 
-def test_unknown_method_is_json_405(owner_api, debug):
-    response = owner_api.request("PUT", "generations", {"prompt": "p"})
+@pytest.mark.parametrize("method", ["PUT", "OPTIONS", "TRACE"])
+def test_unknown_method_is_json_405(owner_api, debug, method):
+    response = owner_api.request(method, "generations", {"prompt": "p"})
     assert_json_error(response, HTTPStatus.METHOD_NOT_ALLOWED)
-    assert "POST" in response["Allow"]
+    assert set(response["Allow"].split(", ")) == {"GET", "POST", "HEAD"}
 
 
 def test_non_json_body_is_json_415(owner_api, debug):

@@ -122,6 +122,7 @@ def test_create_answers_with_and_without_trailing_slash(owner_api, path):
     assert response.status_code == HTTPStatus.CREATED
 
 
+@pytest.mark.sqlite_smoke
 def test_idempotent_repeat_returns_the_original_with_200(owner_api):
     key = {"Idempotency-Key": "order-42"}
     first = owner_api.post("generations", {"prompt": "p"}, headers=key)
@@ -142,6 +143,7 @@ def test_idempotency_keys_are_per_api_key(owner_api, other_api):
     assert mine.json()["id"] != theirs.json()["id"]
 
 
+@pytest.mark.sqlite_smoke
 def test_idempotency_key_of_a_deleted_generation_is_a_conflict(owner_api):
     key = {"Idempotency-Key": "gone"}
     first = owner_api.post("generations", {"prompt": "p"}, headers=key).json()
