@@ -429,15 +429,15 @@ def validated(
 # --- Schema: error bodies and headers shared by every endpoint ---------------
 
 
+# Response-only shapes. Not read_only: drf-spectacular lists every read-only
+# field as required, and ``code`` / ``status`` are not always there.
 class ErrorSerializer(serializers.Serializer):
-    detail = serializers.CharField(read_only=True)
-    code = serializers.CharField(read_only=True, required=False)
+    detail = serializers.CharField()
+    code = serializers.CharField(required=False)
 
 
 class ConflictSerializer(ErrorSerializer):
-    status = serializers.CharField(
-        read_only=True, required=False, help_text="The current status."
-    )
+    status = serializers.CharField(required=False, help_text="The current status.")
 
 
 FIELD_ERRORS_SCHEMA = {

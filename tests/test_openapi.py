@@ -103,6 +103,9 @@ def test_generation_and_key_bodies_are_documented(schema):
     assert create["required"] == ["prompt"]
     assert "key_hash" not in json.dumps(components)
     assert "key" in components["NewApiKey"]["properties"]
+    # Error bodies always have "detail"; "code" and "status" only sometimes.
+    assert components["Error"]["required"] == ["detail"]
+    assert components["Conflict"]["required"] == ["detail"]
     page = components["PaginatedGenerationList"]["properties"]
     assert set(page) == {"next", "previous", "results"}
 
