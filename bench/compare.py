@@ -35,10 +35,14 @@ def main(argv: list[str] | None = None) -> None:
     levels = tuple(int(level) for level in args.levels.split(","))
 
     bench.setup_django()
+    from django.db import connection
+
     from apikeys.services import api_key_create
     from generations.services import generation_create
 
     with server.scratch_database() as url, contextlib.ExitStack() as stack:
+        database = connection.settings_dict["NAME"]
+        all_servers: list[server.Server] = []
         api_key, raw_key = api_key_create(name="bench", rate_limit=HUGE_RATE_LIMIT)
         row, _ = generation_create(api_key=api_key, **server.SAMPLE_GENERATION)
         headers = {**server.PROXY_HEADERS, "X-API-Key": raw_key}
@@ -47,6 +51,7 @@ def main(argv: list[str] | None = None) -> None:
         targets: dict[str, load.Target] = {}
         for name, directory in checkouts.items():
             srv = stack.enter_context(server.gunicorn(url, cwd=Path(directory)))
+            all_servers.append(srv)
             if not targets:
                 targets["bare"] = (
                     load.Target(
@@ -86,7 +91,12 @@ def main(argv: list[str] | None = None) -> None:
                 headers=target.headers,
             )
         table = load.alternate(
-            None, targets, levels=levels, rounds=args.rounds, duration=args.duration
+            None,
+            targets,
+            levels=levels,
+            rounds=args.rounds,
+            duration=args.duration,
+            cpu=lambda: server.server_cpu_seconds(all_servers, database),
         )
     print(
         f"{args.path} path, key rate_limit=1e9; {args.rounds} round(s) x "

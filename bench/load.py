@@ -239,6 +239,15 @@ class Cell:
     """Every round of one target at one concurrency level."""
 
     rounds: list[LoadResult]
+    cpu_seconds: list[float] = field(default_factory=list)  # server side, per round
+
+    @property
+    def cpu_ms(self) -> float | None:
+        """Server CPU (gunicorn workers + PostgreSQL backends) per request."""
+        if not self.cpu_seconds:
+            return None
+        requests = sum(result.requests for result in self.rounds)
+        return sum(self.cpu_seconds) * 1000 / requests if requests else None
 
     @property
     def rps(self) -> float:
@@ -277,8 +286,13 @@ def alternate(
     rounds: int,
     duration: float,
     warmup: float = 1,
+    cpu: Callable[[], float] | None = None,
 ) -> dict[int, dict[str, Cell]]:
-    """For each concurrency level: A B C, A B C, … ``rounds`` times."""
+    """For each concurrency level: A B C, A B C, … ``rounds`` times.
+
+    ``cpu``, if given, returns the server side's CPU seconds so far; it is
+    sampled around every run.
+    """
     for target in targets.values():  # every worker and connection warmed up
         load(
             target.port or port,
@@ -292,8 +306,10 @@ def alternate(
     table: dict[int, dict[str, Cell]] = {}
     for connections in levels:
         runs: dict[str, list[LoadResult]] = {name: [] for name in targets}
+        spent: dict[str, list[float]] = {name: [] for name in targets}
         for _ in range(rounds):
             for name, target in targets.items():
+                before = cpu() if cpu else 0.0
                 runs[name].append(
                     load(
                         target.port or port,
@@ -305,32 +321,48 @@ def alternate(
                         duration=duration,
                     )
                 )
-        table[connections] = {name: Cell(results) for name, results in runs.items()}
+                if cpu:
+                    spent[name].append(cpu() - before)
+        table[connections] = {
+            name: Cell(results, spent[name]) for name, results in runs.items()
+        }
     return table
 
 
 def print_table(
     table: dict[int, dict[str, Cell]], *, baseline: str, label: str = "view"
 ) -> dict[int, dict[str, float]]:
-    """Print req/s, p50, p99 and ratio to ``baseline``; return the ratios."""
+    """Print req/s, p50, p99, ratio to ``baseline`` and, when measured, the
+    server CPU per request and its ratio (baseline CPU / this CPU: 0.5 = twice
+    the work); return the req/s ratios.
+    """
     names = list(next(iter(table.values())))
     width = max(len(label), *(len(name) for name in names)) + 2
+    with_cpu = any(cell.cpu_ms for cells in table.values() for cell in cells.values())
+    cpu_header = f"{'CPU ms/req':>11}{'CPU ratio':>10}" if with_cpu else ""
     print(
         f"{'conc':>4}  {label:<{width}}{'req/s':>8}{'p50 ms':>9}{'p99 ms':>9}"
-        f"{'errors':>8}{'ratio':>8}"
+        f"{'errors':>8}{'ratio':>8}{cpu_header}"
     )
     ratios: dict[int, dict[str, float]] = {}
     for connections, cells in table.items():
         ratios[connections] = {}
+        base = cells[baseline]
         for name in names:
             cell = cells[name]
-            ratio = ""
+            ratio = " " * 8
             if name != baseline:
-                value = cell.ratio_to(cells[baseline])
+                value = cell.ratio_to(base)
                 ratios[connections][name] = value
                 ratio = f"{value:8.2f}"
+            cpu_columns = ""
+            if with_cpu and cell.cpu_ms:
+                cpu_columns = f"{cell.cpu_ms:11.2f}"
+                if name != baseline and base.cpu_ms:
+                    cpu_columns += f"{base.cpu_ms / cell.cpu_ms:10.2f}"
             print(
                 f"{connections:>4}  {name:<{width}}{cell.rps:8.0f}"
                 f"{cell.p50_ms:9.2f}{cell.p99_ms:9.2f}{cell.errors:8d}{ratio}"
+                f"{cpu_columns}"
             )
     return ratios

@@ -82,7 +82,12 @@ def run(*, smoke: bool = False) -> bool:
             servers[name] = srv
             targets[name] = load.Target(path, headers=headers, port=srv.port)
         table = load.alternate(
-            None, targets, levels=levels, rounds=rounds, duration=duration
+            None,
+            targets,
+            levels=levels,
+            rounds=rounds,
+            duration=duration,
+            cpu=lambda: server.server_cpu_seconds(list(servers.values()), database),
         )
         time.sleep(SETTLE_SECONDS)  # let closed connections' backends exit
         held = held_connections(database)

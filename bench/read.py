@@ -33,6 +33,8 @@ UNLIMITED = "API, key rate_limit=0"
 
 
 def run(*, smoke: bool = False) -> bool:
+    from django.db import connection
+
     load_at_start = server.machine()
     from apikeys.services import api_key_create
     from generations.services import generation_create
@@ -42,6 +44,7 @@ def run(*, smoke: bool = False) -> bool:
     rounds = SMOKE_ROUNDS if smoke else ROUNDS
     duration = SMOKE_DURATION if smoke else DURATION
     with server.scratch_database() as url:
+        database = connection.settings_dict["NAME"]
         throttled, throttled_raw = api_key_create(
             name="bench reader", rate_limit=HUGE_RATE_LIMIT
         )
@@ -72,7 +75,12 @@ def run(*, smoke: bool = False) -> bool:
             if "X-RateLimit-Remaining" not in checked[THROTTLED]:
                 raise RuntimeError("the rate-limited key got no X-RateLimit headers")
             table = load.alternate(
-                srv.port, targets, levels=levels, rounds=rounds, duration=duration
+                srv.port,
+                targets,
+                levels=levels,
+                rounds=rounds,
+                duration=duration,
+                cpu=lambda: server.server_cpu_seconds([srv], database),
             )
             print(
                 f"GET one generation by id; {srv.describe()}; load: "

@@ -297,6 +297,41 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         process.wait(timeout=10)
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """user + system CPU of one process so far (0 once it has exited)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+
+
+def server_cpu_seconds(servers: list[Server], database: str) -> float:
+    """CPU used so far by the servers' gunicorn workers and by every other
+    PostgreSQL backend on ``database`` (the benchmark's own excluded).
+
+    Sampled around each load run it gives the server side's CPU per request,
+    which other work on a shared machine does not skew the way it skews
+    requests/s. Backends that exit during a run (``DB_CONN_MAX_AGE=0``)
+    take their CPU with them.
+    """
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pid FROM pg_stat_activity "
+            "WHERE datname = %s AND pid <> pg_backend_pid()",
+            [database],
+        )
+        backends = [row[0] for row in cursor.fetchall()]
+    pids = [pid for srv in servers for pid in worker_pids(srv)] + backends
+    return sum(process_cpu_seconds(pid) for pid in pids)
+
+
 def worker_pids(server: Server) -> list[int]:
     """gunicorn's worker processes (children of the arbiter), for profilers."""
     try:

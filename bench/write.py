@@ -30,6 +30,8 @@ UNLIMITED = "API, key rate_limit=0"
 
 
 def run(*, smoke: bool = False) -> bool:
+    from django.db import connection
+
     load_at_start = server.machine()
     from apikeys.services import api_key_create
     from generations.models import Generation
@@ -40,6 +42,7 @@ def run(*, smoke: bool = False) -> bool:
     duration = SMOKE_DURATION if smoke else DURATION
     body = json.dumps(server.SAMPLE_GENERATION).encode()
     with server.scratch_database() as url:
+        database = connection.settings_dict["NAME"]
         throttled, throttled_raw = api_key_create(
             name="bench writer", rate_limit=HUGE_RATE_LIMIT
         )
@@ -76,7 +79,12 @@ def run(*, smoke: bool = False) -> bool:
                     headers=target.headers,
                 )
             table = load.alternate(
-                srv.port, targets, levels=levels, rounds=rounds, duration=duration
+                srv.port,
+                targets,
+                levels=levels,
+                rounds=rounds,
+                duration=duration,
+                cpu=lambda: server.server_cpu_seconds([srv], database),
             )
             print(
                 f"POST one generation (9 fields, JSON); {srv.describe()}; load: "
