@@ -23,6 +23,8 @@ def django_db_modify_db_settings(django_db_modify_db_settings_parallel_suffix):
         from django.conf import settings
 
         db = settings.DATABASES["default"]
+        if db["ENGINE"] == "django.db.backends.sqlite3":
+            return  # an in-memory test database: private to this run already
         test = db.setdefault("TEST", {})
         base = test.get("NAME") or f"test_{db['NAME']}"
         test["NAME"] = f"{base}_{suffix}"
