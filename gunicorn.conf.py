@@ -52,6 +52,25 @@ access_log_format = (
 )
 
 
+def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:
+    """Read what is left of a request body the application did not read.
+
+    Views that refuse a request early (401, 404, 405, 413 …) never read its
+    body. On a kept-alive connection gthread would then find those bytes
+    waiting, hand the connection to a worker thread, discard them and block
+    in recv() for a next request the idle client may never send: a few such
+    clients pin every thread of a worker (benoitc/gunicorn#3301). Draining
+    here, before the connection goes back to the poller, prevents that.
+    """
+    if resp is None or resp.should_close():
+        return
+    try:
+        while req.body.read(65536):
+            pass
+    except Exception as exc:  # a client gone mid-body: nothing left to protect
+        worker.log.debug("draining an unread request body failed: %s", exc)
+
+
 def worker_exit(server: Any, worker: Any) -> None:
     """Close this worker's database pool so PostgreSQL sees clean disconnects."""
     if os.environ.get("DB_POOL", "").strip().lower() not in TRUE:

@@ -16,7 +16,9 @@ tests/test_connect_retry.py.
 
 from __future__ import annotations
 
+import http.client
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -365,3 +367,42 @@ def test_job_of_a_worker_that_died_is_claimed_again_after_its_lease(
     assert (done.json()["status"], done.json()["attempts"]) == ("completed", 2)
     time.sleep(1.2)  # past the old lease: nothing left to claim
     assert api.call("POST", "generations/claim").status == HTTPStatus.NO_CONTENT
+
+
+# --- Keep-alive clients whose request body the application never read ---------
+
+
+def post_and_keep_open(port: int, path: str, body: bytes) -> socket.socket:
+    """POST on a keep-alive connection, read the whole response, stay connected."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Forwarded-Proto: https\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    sock.sendall(head.encode() + body)
+    response = http.client.HTTPResponse(sock)
+    response.begin()
+    response.read()
+    assert not response.will_close  # kept alive, as a pooling client keeps it
+    return sock
+
+
+def test_unread_request_bodies_on_idle_keep_alive_connections_do_not_block_workers(
+    impatient_api,
+):
+    """gunicorn's gthread worker, kept-alive connections and a body the view
+    refused before reading it (benoitc/gunicorn#3301): each such connection
+    must not pin a worker thread while its client sits idle."""
+    api = impatient_api
+    threads = int(api.server.env["GUNICORN_THREADS"])
+    body = b'{"output_path": "' + b"x" * 9000 + b'"}'  # past gunicorn's 8 KiB read
+    idle = [
+        post_and_keep_open(api.server.port, "/api/v1/keys/me", body)  # 401 unread
+        for _ in range(threads)
+    ]
+    try:
+        reply = api.call("GET", "keys/me", timeout=5)
+        assert reply.status == HTTPStatus.OK
+    finally:
+        for sock in idle:
+            sock.close()
