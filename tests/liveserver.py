@@ -98,9 +98,10 @@ class LiveApi:
         headers: Mapping[str, str] | None = None,
         timeout: float = CLIENT_TIMEOUT_S,
     ) -> Reply:
-        """One request on a fresh connection; raises on a client timeout."""
+        """One request on a fresh connection, as ``key`` (default: this client's
+        key; ``""``: none); raises on a client timeout."""
         all_headers = dict(PROXY_HEADERS)
-        raw_key = key or self.key
+        raw_key = self.key if key is None else key  # "": no credentials
         if raw_key:
             all_headers["Authorization"] = f"Bearer {raw_key}"
         payload = None

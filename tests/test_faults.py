@@ -150,11 +150,14 @@ def wait_until(condition, deadline_s: float, what: str) -> None:
 
 @pytest.fixture
 def cluster_database(pg_cluster) -> Iterator[str]:
-    """A migrated database on the throwaway cluster, with an admin key."""
+    """A migrated database on the throwaway cluster; its URL."""
     with database_in(pg_cluster.url(), "faults") as name:
         url = pg_cluster.url(name)
         migrate(url)
-        yield url
+        try:
+            yield url
+        finally:
+            pg_cluster.start()  # a failed test may have left it stopped
 
 
 @pytest.mark.postgres_cluster
@@ -210,10 +213,9 @@ def test_database_restart_under_load_is_503_then_serves_again(
         )
     refused = [o.reply for o in load.creates + load.claims if o.reply.status == 503]
     during = [o for o in load.creates if down < o.started and o.finished < restarting]
-    assert during, "no response came while the database was down\n" + load.timeline(
-        down
-    )
-    assert all(o.reply.status == 503 for o in during), load.timeline(down)
+    timeline = load.timeline(down)
+    assert during, f"no response came while the database was down:\n{timeline}"
+    assert all(o.reply.status == 503 for o in during), timeline
     for reply in refused:
         assert_unavailable(reply)
 

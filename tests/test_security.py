@@ -95,12 +95,12 @@ def test_documented_dev_key_is_not_seeded_and_refused_in_production_even_if_pres
     production_api, production_db, header
 ):
     api = production_api
-    credentials = (
-        f"Bearer {DEFAULT_DEV_API_KEY}"
-        if header == "Authorization"
-        else (DEFAULT_DEV_API_KEY)
+    bearer = header == "Authorization"
+    as_dev = (
+        {header: f"Bearer {DEFAULT_DEV_API_KEY}"}
+        if bearer
+        else {header: DEFAULT_DEV_API_KEY}
     )
-    as_dev = {header: credentials}
     assert key_rows(production_db, DEFAULT_DEV_API_KEY) == 0  # migrate seeded none
     assert api.call("GET", "keys/me").status == HTTPStatus.OK  # a real key works
 
@@ -119,7 +119,7 @@ def test_documented_dev_key_is_not_seeded_and_refused_in_production_even_if_pres
                 ("GET", "generations"),
                 ("POST", "generations/claim"),
             ]:
-                reply = api.call(method, path, key="-", headers=as_dev)
+                reply = api.call(method, path, key="", headers=as_dev)
                 assert reply.status == HTTPStatus.UNAUTHORIZED, (path, reply.body)
                 assert reply.is_json
         finally:
@@ -137,7 +137,8 @@ def key_session(call) -> dict[str, str]:
     """Create, use, mistype, revoke and delete a key through ``call``.
 
     ``call(method, path, body=None, key=None, headers=None)`` returns
-    ``(status, json_body)``. Returns every secret the session handled.
+    ``(status, json_body)``; ``key`` defaults to the admin key, ``""`` sends
+    no Authorization header. Returns every secret the session handled.
     """
     status, created = call("POST", "keys", {"name": "session key", "rate_limit": 0})
     assert status == HTTPStatus.CREATED, created
@@ -145,7 +146,9 @@ def key_session(call) -> dict[str, str]:
     mistyped = raw[:-1] + ("A" if raw[-1] != "A" else "B")
     assert call("GET", "keys/me", key=raw)[0] == HTTPStatus.OK
     assert (
-        call("POST", "generations", {"prompt": "p"}, headers={"X-API-Key": raw})[0]
+        call(
+            "POST", "generations", {"prompt": "p"}, key="", headers={"X-API-Key": raw}
+        )[0]
         == HTTPStatus.CREATED
     )
     assert call("GET", "keys/me", key=mistyped)[0] == HTTPStatus.UNAUTHORIZED
@@ -185,7 +188,9 @@ def test_raw_keys_never_reach_python_logging_even_at_debug(caplog, settings):
     client = Client()
 
     def call(method, path, body=None, key=None, headers=None):
-        all_headers = {"Authorization": f"Bearer {key or admin}", **(headers or {})}
+        raw = admin if key is None else key  # "": no Authorization header
+        all_headers = {"Authorization": f"Bearer {raw}"} if raw else {}
+        all_headers.update(headers or {})
         response = client.generic(
             method,
             f"/api/v1/{path}",
