@@ -91,11 +91,11 @@ def drain(port: int, raw_keys: list[str]) -> tuple[float, list[list[str]], int]:
 
 
 def run(*, smoke: bool = False) -> bool:
-    load_at_start = server.machine()
     from django.db import connection
 
     from apikeys.services import api_key_create
 
+    load_at_start = server.machine()
     jobs = SMOKE_JOBS if smoke else JOBS
     rows = []
     with server.scratch_database() as url:

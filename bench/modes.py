@@ -55,12 +55,12 @@ def held_connections(database: str) -> dict[str, int]:
 
 
 def run(*, smoke: bool = False) -> bool:
-    load_at_start = server.machine()
     from django.db import connection
 
     from apikeys.services import api_key_create
     from generations.services import generation_create
 
+    load_at_start = server.machine()
     wrk = load.ensure_wrk(install=not smoke)
     levels = SMOKE_LEVELS if smoke else LEVELS
     rounds = SMOKE_ROUNDS if smoke else ROUNDS

@@ -260,9 +260,9 @@ def sample(
 
 
 def run(*, smoke: bool = False) -> bool:
-    load_at_start = server.machine()
     from apikeys.services import api_key_create
 
+    load_at_start = server.machine()
     rows = SMOKE_ROWS if smoke else ROWS
     keys = 1_000 if smoke else KEYS
     samples = SMOKE_SAMPLES if smoke else SAMPLES

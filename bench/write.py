@@ -32,10 +32,10 @@ UNLIMITED = "API, key rate_limit=0"
 def run(*, smoke: bool = False) -> bool:
     from django.db import connection
 
-    load_at_start = server.machine()
     from apikeys.services import api_key_create
     from generations.models import Generation
 
+    load_at_start = server.machine()
     wrk = load.ensure_wrk(install=not smoke)
     levels = SMOKE_LEVELS if smoke else LEVELS
     rounds = SMOKE_ROUNDS if smoke else ROUNDS
