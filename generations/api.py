@@ -31,6 +31,7 @@ from generations.services import (
     generation_claim_next,
     generation_complete,
     generation_create,
+    generation_delete,
     generation_fail,
     generation_heartbeat,
     generation_update,
@@ -448,9 +449,11 @@ class GenerationViewSet(ApiViewSet):
         return Response(generation_json(generation))
 
     def destroy(self, request: Request, id: str) -> Response:
-        deleted, _ = self.visible().filter(pk=parse_uuid(id)).delete()
-        if not deleted:
-            raise exceptions.NotFound()
+        generation = get_or_404(self.visible(), id)
+        try:
+            generation_delete(generation=generation)
+        except Generation.DoesNotExist:  # deleted by a concurrent request
+            raise exceptions.NotFound() from None
         return Response(status=HTTPStatus.NO_CONTENT)
 
     @action(detail=True, methods=["post"])

@@ -83,6 +83,19 @@ def generation_cancel(*, generation: Generation) -> Generation:
 
 
 @transaction.atomic
+def generation_delete(*, generation: Generation) -> None:
+    """Soft-delete a generation; a queued or running one is cancelled first.
+
+    Otherwise a deleted running job would stay ``running`` for ever (claims and
+    gauges skip deleted rows) while its worker kept rendering it.
+    """
+    generation = _locked(generation)
+    if not generation.is_terminal:
+        generation = _save_transition(generation, Status.CANCELLED)
+    generation.delete()
+
+
+@transaction.atomic
 def generation_complete(
     *,
     generation: Generation,

@@ -101,8 +101,11 @@ class Cursor:
             timestamp = datetime.fromisoformat(created_at)
             if timestamp.tzinfo is None:
                 raise ValueError(created_at)
+            # Normalised here so an instant outside datetime's range (year 1
+            # at +01:00) is a bad cursor, not an OverflowError later.
+            timestamp = timestamp.astimezone(UTC)
             return cls(direction == "n", timestamp, uuid.UUID(pk))
-        except (ValueError, binascii.Error, UnicodeError):
+        except (ValueError, OverflowError, binascii.Error, UnicodeError):
             raise exceptions.ValidationError({"cursor": ["Invalid cursor."]}) from None
 
 

@@ -128,6 +128,11 @@ def database_config(
             "max_lifetime": env_int(env, "DB_POOL_MAX_LIFETIME", 300, minimum=1),
             "timeout": env_int(env, "DB_POOL_TIMEOUT", 10, minimum=1),
         }
+        if options["pool"]["min_size"] > options["pool"]["max_size"]:
+            raise ConfigError(
+                "DB_POOL_MIN_SIZE must not exceed DB_POOL_MAX_SIZE "
+                f"({options['pool']['min_size']} > {options['pool']['max_size']})"
+            )
         # Django's pool refuses persistent connections; the pool keeps them.
         config["CONN_MAX_AGE"] = 0
         config["CONNECT_RETRIES"] = 0  # the pool has its own reconnect loop

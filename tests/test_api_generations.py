@@ -390,6 +390,32 @@ def test_delete_is_soft_and_hides_the_generation(owner_api, owner_key):
     assert owner_api.get("generations").json()["results"] == []
 
 
+def test_deleting_a_running_job_cancels_it_so_its_worker_stops(
+    owner_api, owner_key, admin_api
+):
+    generation = make_generation(api_key=owner_key[0])
+    assert admin_api.post("generations/claim").json()["id"] == str(generation.pk)
+
+    assert owner_api.delete(f"generations/{generation.pk}").status_code == 204
+
+    stored = Generation.all_objects.get(pk=generation.pk)
+    assert (stored.is_deleted, stored.status) == (True, Status.CANCELLED)
+    assert stored.lease_expires_at is None
+    heartbeat = admin_api.post(f"generations/{generation.pk}/heartbeat")
+    assert heartbeat.status_code == HTTPStatus.NOT_FOUND
+
+
+def test_deleting_a_finished_job_keeps_its_status(owner_api, owner_key):
+    generation = make_generation(api_key=owner_key[0])
+    owner_api.post(f"generations/{generation.pk}/cancel")
+    cancelled_at = Generation.objects.get(pk=generation.pk).completed_at
+
+    assert owner_api.delete(f"generations/{generation.pk}").status_code == 204
+
+    stored = Generation.all_objects.get(pk=generation.pk)
+    assert (stored.status, stored.completed_at) == (Status.CANCELLED, cancelled_at)
+
+
 # --- POST /generations/{id}/cancel -----------------------------------------------
 
 

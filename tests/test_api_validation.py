@@ -154,6 +154,15 @@ CASES = [
         "cursor",
     ),
     (
+        "cursor-date-out-of-range",
+        "GET",
+        "generations?cursor="
+        + crafted_cursor("n|0001-01-01T00:00:00+01:00|" + "0" * 32),
+        None,
+        {},
+        "cursor",
+    ),
+    (
         "cursor-bad-id",
         "GET",
         "generations?cursor=" + crafted_cursor("n|2026-01-01T00:00:00+00:00|x"),

@@ -126,6 +126,14 @@ def test_bad_values_are_refused_with_the_variable_named(variable, value):
 
 
 @pytest.mark.sqlite_smoke
+def test_a_pool_whose_minimum_exceeds_its_maximum_is_refused():
+    with pytest.raises(ConfigError, match="DB_POOL_MIN_SIZE"):
+        config(
+            DATABASE_URL=URL, DB_POOL="1", DB_POOL_MIN_SIZE="9", DB_POOL_MAX_SIZE="4"
+        )
+
+
+@pytest.mark.sqlite_smoke
 def test_configuration_errors_never_echo_the_password():
     with pytest.raises(ConfigError) as excinfo:
         config(DATABASE_URL="postgres://lockn:s3cr3t-pw@db:notaport/lockngen")
