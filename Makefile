@@ -34,8 +34,12 @@ run: $(VENV)/.runtime
 	$(PY) manage.py runserver 127.0.0.1:$(PORT)
 
 test: $(VENV)/.dev
-	@DATABASE_URL='$(TEST_DATABASE_URL)' DB_CONNECT_RETRIES=0 $(PY) manage.py wait_for_db --timeout 3 >/dev/null 2>&1 || { \
-	  echo "PostgreSQL is not reachable at DATABASE_URL (default 127.0.0.1:5432): start it with 'pg_ctlcluster --skip-systemctl-redirect 15 main start' (or 'docker compose up -d postgres') or set DATABASE_URL."; exit 1; }
+	@DATABASE_URL='$(TEST_DATABASE_URL)' DB_CONNECT_RETRIES=0 $(PY) manage.py wait_for_db --timeout 3 >/dev/null 2>$(VENV)/.pgcheck || { \
+	  echo "PostgreSQL is not usable at DATABASE_URL ($$(tail -n 1 $(VENV)/.pgcheck | sed 's/^CommandError: //')): start it with 'pg_ctlcluster --skip-systemctl-redirect 15 main start' (or 'docker compose up -d postgres') or set DATABASE_URL."; exit 1; }
+	@$(PY) -c "import redis; redis.Redis(host='127.0.0.1', port=6379, socket_connect_timeout=2).ping()" 2>/dev/null || { \
+	  echo "Redis is not reachable at 127.0.0.1:6379 (the rate-limit tests share counters through it): start it with 'redis-server --daemonize yes' (or 'docker compose up -d redis')."; exit 1; }
+	@command -v pgbouncer >/dev/null || test -x /usr/sbin/pgbouncer || { \
+	  echo "pgbouncer is not installed (the PgBouncer tests run a real one): apt-get install -y pgbouncer"; exit 1; }
 	DATABASE_URL='$(TEST_DATABASE_URL)' $(PY) -m pytest $(PYTEST_ARGS)
 	@echo "== SQLite fallback smoke run (DATABASE_URL unset) =="
 	env -u DATABASE_URL -u REDIS_URL $(PY) -m pytest -m sqlite_smoke $(PYTEST_ARGS)
