@@ -9,8 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.contrib import admin, messages
-from django.db.models import Q, QuerySet
-from django.db.models.functions import Now
+from django.db.models import QuerySet
 from django.forms import ModelForm
 from django.http import HttpRequest
 
@@ -31,13 +30,6 @@ READONLY_FIELDS = (
 )
 
 
-def active_q() -> Q:
-    """Not revoked, not expired (database clock), not deleted."""
-    return Q(is_deleted=False, revoked_at__isnull=True) & (
-        Q(expires_at__isnull=True) | Q(expires_at__gt=Now())
-    )
-
-
 class ActiveFilter(admin.SimpleListFilter):
     title = "active"
     parameter_name = "active"
@@ -47,9 +39,9 @@ class ActiveFilter(admin.SimpleListFilter):
 
     def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
         if self.value() == "yes":
-            return queryset.filter(active_q())
+            return queryset.filter(ApiKey.active_condition())
         if self.value() == "no":
-            return queryset.exclude(active_q())
+            return queryset.exclude(ApiKey.active_condition())
         return queryset
 
 

@@ -61,6 +61,13 @@ class ApiKey(SoftDeleteModel):
     def prefix(self) -> str:
         return self.key_prefix
 
+    @staticmethod
+    def active_condition() -> Q:
+        """``is_active`` as a query: not revoked, not expired, not deleted."""
+        return Q(is_deleted=False, revoked_at__isnull=True) & (
+            Q(expires_at__isnull=True) | Q(expires_at__gt=Now())
+        )
+
     @property
     def is_active(self) -> bool:
         return (

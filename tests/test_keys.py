@@ -240,3 +240,34 @@ def test_seed_dev_key_does_nothing_in_production(settings):
     assert not ApiKey.all_objects.filter(
         key_hash=hash_key(DEFAULT_DEV_API_KEY)
     ).exists()
+
+
+@pytest.mark.django_db
+def test_active_condition_agrees_with_is_active():
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from apikeys.models import ApiKey
+    from apikeys.services import api_key_revoke
+    from tests.factories import make_api_key
+
+    active, _ = make_api_key(name="active")
+    future, _ = make_api_key(
+        name="future", expires_at=timezone.now() + timedelta(days=1)
+    )
+    expired, _ = make_api_key(
+        name="expired", expires_at=timezone.now() - timedelta(seconds=1)
+    )
+    revoked, _ = make_api_key(name="revoked")
+    api_key_revoke(api_key=revoked)
+    deleted, _ = make_api_key(name="deleted")
+    deleted.delete()
+
+    by_query = set(
+        ApiKey.all_objects.filter(ApiKey.active_condition()).values_list(
+            "name", flat=True
+        )
+    )
+    by_property = {key.name for key in ApiKey.all_objects.all() if key.is_active}
+    assert by_query == by_property == {"active", "future"}
