@@ -12,7 +12,9 @@ PYTHON="${PYTHON:-python}"
 
 "$PYTHON" manage.py wait_for_db --timeout "${WAIT_FOR_DB_TIMEOUT:-60}"
 
-if [ "${LOCKNGEN_ENV:-development}" = "development" ]; then
+# MIGRATE_ON_START=0: a development replica that must leave migrating to the
+# one `api` service (compose profile `scale`).
+if [ "${LOCKNGEN_ENV:-development}" = "development" ] && [ "${MIGRATE_ON_START:-1}" != "0" ]; then
   "$PYTHON" manage.py migrate --noinput
   "$PYTHON" manage.py seed_dev_key
 fi

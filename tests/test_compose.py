@@ -145,6 +145,7 @@ def test_replicas_reach_postgres_only_through_pgbouncer():
     assert db["DISABLE_SERVER_SIDE_CURSORS"] is True
     assert "options" not in db["OPTIONS"]  # PgBouncer refuses startup options
     assert env["REDIS_URL"] == environment("api")["REDIS_URL"]  # shared limits
+    assert env["MIGRATE_ON_START"] == "0"  # only `api` migrates, directly
 
 
 def test_replicas_start_after_the_api_has_migrated_and_get_a_port_each():

@@ -139,3 +139,17 @@ def test_entrypoint_execs_the_given_command_with_its_exit_status():
     assert done.returncode == 7
     assert "running production" in done.stdout
     assert "migrat" not in done.stdout.lower()  # production applies nothing
+
+
+def test_a_replica_with_migrate_on_start_off_never_migrates():
+    with scratch_database() as name:
+        env = process_env(
+            LOCKNGEN_ENV="development",
+            MIGRATE_ON_START="0",
+            DATABASE_URL=url_for(name),
+            REDIS_URL=REDIS_URL,
+        )
+        result = run_entrypoint("true", env=env)
+        tables = query(name, "SELECT count(*) FROM pg_tables WHERE schemaname='public'")
+    assert result.returncode == 0, result.stderr
+    assert tables == 0
