@@ -23,13 +23,13 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils.cache import add_never_cache_headers
 
 from lockngen.health import State, degradations, pending_migrations
+from lockngen.middleware import RETRY_AFTER_SECONDS
 
 logger = logging.getLogger(__name__)
 
 LIVE_PATHS = frozenset({"/health/live", "/health/live/"})
 READY_PATHS = frozenset({"/health/ready", "/health/ready/"})
 PROBE_METHODS = frozenset({"GET", "HEAD"})
-RETRY_AFTER_SECONDS = 5
 
 # Once this process has seen every migration applied it stops looking
 # (SPEC §6): migrations only ever get applied, and reading the migration graph
