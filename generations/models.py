@@ -269,6 +269,11 @@ def sources_of(target: Status) -> list[Status]:
     return [source for source, targets in TRANSITIONS.items() if target in targets]
 
 
+def lease_expiry(lease_seconds: int) -> Any:
+    """When a lease taken or renewed now ends, on the database clock."""
+    return Now() + timedelta(seconds=lease_seconds)
+
+
 def transition_values(target: Status, *, lease_seconds: int = 0) -> dict[str, Any]:
     """What moving to ``target`` writes, as database expressions.
 
@@ -280,7 +285,7 @@ def transition_values(target: Status, *, lease_seconds: int = 0) -> dict[str, An
     if target == Status.RUNNING:
         values |= {
             "started_at": now,
-            "lease_expires_at": now + timedelta(seconds=lease_seconds),
+            "lease_expires_at": lease_expiry(lease_seconds),
             "attempts": F("attempts") + 1,
         }
     elif target == Status.QUEUED:

@@ -7,7 +7,6 @@ Views, admin and commands call these; the status machine itself lives in
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
@@ -15,7 +14,7 @@ from django.db import IntegrityError, transaction
 from django.db.models.functions import Now
 
 from apikeys.models import ApiKey
-from generations.models import Generation, InvalidTransition, Status
+from generations.models import Generation, InvalidTransition, Status, lease_expiry
 from lockngen.prepared import PreparedInsert
 
 logger = logging.getLogger(__name__)
@@ -138,7 +137,7 @@ def generation_heartbeat(*, generation: Generation) -> Generation:
         return generation
     if generation.status != Status.RUNNING:
         raise InvalidTransition(Status(generation.status), Status.RUNNING)
-    generation.lease_expires_at = Now() + timedelta(seconds=settings.LEASE_SECONDS)
+    generation.lease_expires_at = lease_expiry(settings.LEASE_SECONDS)
     generation.updated_at = Now()
     generation.save(update_fields=["lease_expires_at", "updated_at"])
     generation.refresh_from_db(fields=["lease_expires_at", "updated_at"])
