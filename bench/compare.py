@@ -20,8 +20,6 @@ from pathlib import Path
 import bench
 from bench import load, server
 
-HUGE_RATE_LIMIT = 1_000_000_000
-
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.compare")
@@ -43,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     with server.scratch_database() as url, contextlib.ExitStack() as stack:
         database = connection.settings_dict["NAME"]
         all_servers: list[server.Server] = []
-        api_key, raw_key = api_key_create(name="bench", rate_limit=HUGE_RATE_LIMIT)
+        api_key, raw_key = api_key_create(name="bench", rate_limit=load.HUGE_RATE_LIMIT)
         row, _ = generation_create(api_key=api_key, **server.SAMPLE_GENERATION)
         headers = {**server.PROXY_HEADERS, "X-API-Key": raw_key}
         body = json.dumps(server.SAMPLE_GENERATION).encode()

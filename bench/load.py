@@ -28,6 +28,28 @@ from pathlib import Path
 from bench import percentile
 
 HOST = "127.0.0.1"
+
+# The HTTP benchmarks' shared schedule: concurrency levels, alternated rounds
+# per cell, seconds per round (smoke: just enough to prove it runs).
+LEVELS, ROUNDS, DURATION = (1, 8, 32), 5, 1
+SMOKE_LEVELS, SMOKE_ROUNDS, SMOKE_DURATION = (1, 8), 1, 1
+RATIO_TARGET = 0.7  # SPEC §9: API >= 0.7 x the bare view
+HUGE_RATE_LIMIT = 1_000_000_000  # per minute: never reached, always counted
+
+
+# Labels of the three sides the read and write benchmarks compare.
+BARE = "bare Django view"
+THROTTLED = "API, key rate_limit=1e9"
+UNLIMITED = "API, key rate_limit=0"
+
+
+def schedule(smoke: bool) -> tuple[tuple[int, ...], int, int]:
+    """``(levels, rounds, duration)`` for a full or a smoke run."""
+    if smoke:
+        return SMOKE_LEVELS, SMOKE_ROUNDS, SMOKE_DURATION
+    return LEVELS, ROUNDS, DURATION
+
+
 WRK_TIMEOUT = "10s"
 RESULT_MARK = "BENCHJSON "
 

@@ -22,13 +22,6 @@ import time
 
 from bench import load, server
 
-LEVELS = (1, 8, 32)
-ROUNDS = 5
-DURATION = 1
-SMOKE_LEVELS = (1, 8)
-SMOKE_ROUNDS = 1
-SMOKE_DURATION = 1
-HUGE_RATE_LIMIT = 1_000_000_000
 SETTLE_SECONDS = 1
 
 PERSISTENT = "DB_CONN_MAX_AGE=300 (default)"
@@ -62,12 +55,10 @@ def run(*, smoke: bool = False) -> bool:
 
     load_at_start = server.machine()
     wrk = load.ensure_wrk(install=not smoke)
-    levels = SMOKE_LEVELS if smoke else LEVELS
-    rounds = SMOKE_ROUNDS if smoke else ROUNDS
-    duration = SMOKE_DURATION if smoke else DURATION
+    levels, rounds, duration = load.schedule(smoke)
     with server.scratch_database() as url, contextlib.ExitStack() as stack:
         database = connection.settings_dict["NAME"]
-        api_key, raw_key = api_key_create(name="bench", rate_limit=HUGE_RATE_LIMIT)
+        api_key, raw_key = api_key_create(name="bench", rate_limit=load.HUGE_RATE_LIMIT)
         row, _ = generation_create(api_key=api_key, **server.SAMPLE_GENERATION)
         path = f"/api/v1/generations/{row.pk}"
         headers = {**server.PROXY_HEADERS, "X-API-Key": raw_key}

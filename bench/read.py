@@ -17,19 +17,7 @@ from wrk on loopback:
 from __future__ import annotations
 
 from bench import load, server
-
-LEVELS = (1, 8, 32)
-ROUNDS = 5
-DURATION = 1
-SMOKE_LEVELS = (1, 8)
-SMOKE_ROUNDS = 1
-SMOKE_DURATION = 1
-RATIO_TARGET = 0.7
-HUGE_RATE_LIMIT = 1_000_000_000  # per minute: never reached, always counted
-
-BARE = "bare Django view"
-THROTTLED = "API, key rate_limit=1e9"
-UNLIMITED = "API, key rate_limit=0"
+from bench.load import BARE, THROTTLED, UNLIMITED
 
 
 def run(*, smoke: bool = False) -> bool:
@@ -40,13 +28,11 @@ def run(*, smoke: bool = False) -> bool:
 
     load_at_start = server.machine()
     wrk = load.ensure_wrk(install=not smoke)
-    levels = SMOKE_LEVELS if smoke else LEVELS
-    rounds = SMOKE_ROUNDS if smoke else ROUNDS
-    duration = SMOKE_DURATION if smoke else DURATION
+    levels, rounds, duration = load.schedule(smoke)
     with server.scratch_database() as url:
         database = connection.settings_dict["NAME"]
         throttled, throttled_raw = api_key_create(
-            name="bench reader", rate_limit=HUGE_RATE_LIMIT
+            name="bench reader", rate_limit=load.HUGE_RATE_LIMIT
         )
         unlimited, unlimited_raw = api_key_create(name="bench worker", rate_limit=0)
         # Each key reads its own row (a non-admin key sees only its own);
@@ -92,10 +78,10 @@ def run(*, smoke: bool = False) -> bool:
     errors = sum(cell.errors for cells in table.values() for cell in cells.values())
     worst = min(value for row_ in ratios.values() for value in row_.values())
     throttled_worst = min(row_[THROTTLED] for row_ in ratios.values())
-    met = throttled_worst >= RATIO_TARGET and errors == 0
+    met = throttled_worst >= load.RATIO_TARGET and errors == 0
     print(
         f"API (throttled key) / bare, worst level: {throttled_worst:.2f}; "
-        f"worst of both keys: {worst:.2f} (target >= {RATIO_TARGET}): "
+        f"worst of both keys: {worst:.2f} (target >= {load.RATIO_TARGET}): "
         f"{'met' if met else 'MISSED'}; errors: {errors}"
     )
     print(f"machine: {load_at_start} at start, {server.machine()} at end")

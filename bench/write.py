@@ -14,19 +14,7 @@ from __future__ import annotations
 import json
 
 from bench import load, server
-
-LEVELS = (1, 8, 32)
-ROUNDS = 5
-DURATION = 1
-SMOKE_LEVELS = (1, 8)
-SMOKE_ROUNDS = 1
-SMOKE_DURATION = 1
-RATIO_TARGET = 0.7
-HUGE_RATE_LIMIT = 1_000_000_000
-
-BARE = "bare Django view"
-THROTTLED = "API, key rate_limit=1e9"
-UNLIMITED = "API, key rate_limit=0"
+from bench.load import BARE, THROTTLED, UNLIMITED
 
 
 def run(*, smoke: bool = False) -> bool:
@@ -37,14 +25,12 @@ def run(*, smoke: bool = False) -> bool:
 
     load_at_start = server.machine()
     wrk = load.ensure_wrk(install=not smoke)
-    levels = SMOKE_LEVELS if smoke else LEVELS
-    rounds = SMOKE_ROUNDS if smoke else ROUNDS
-    duration = SMOKE_DURATION if smoke else DURATION
+    levels, rounds, duration = load.schedule(smoke)
     body = json.dumps(server.SAMPLE_GENERATION).encode()
     with server.scratch_database() as url:
         database = connection.settings_dict["NAME"]
         throttled, throttled_raw = api_key_create(
-            name="bench writer", rate_limit=HUGE_RATE_LIMIT
+            name="bench writer", rate_limit=load.HUGE_RATE_LIMIT
         )
         _, unlimited_raw = api_key_create(name="bench worker", rate_limit=0)
         json_headers = {**server.PROXY_HEADERS, "Content-Type": "application/json"}
@@ -103,14 +89,14 @@ def run(*, smoke: bool = False) -> bool:
     errors = sum(cell.errors for cells in table.values() for cell in cells.values())
     throttled_worst = min(row[THROTTLED] for row in ratios.values())
     worst = min(value for row in ratios.values() for value in row.values())
-    met = throttled_worst >= RATIO_TARGET and errors == 0
+    met = throttled_worst >= load.RATIO_TARGET and errors == 0
     print(
         f"rows inserted: {inserted} (measured requests: {answered}, plus checks "
         "and warm-up)"
     )
     print(
         f"API (throttled key) / bare, worst level: {throttled_worst:.2f}; "
-        f"worst of both keys: {worst:.2f} (target >= {RATIO_TARGET}): "
+        f"worst of both keys: {worst:.2f} (target >= {load.RATIO_TARGET}): "
         f"{'met' if met else 'MISSED'}; errors: {errors}"
     )
     print(f"machine: {load_at_start} at start, {server.machine()} at end")
