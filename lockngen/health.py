@@ -64,13 +64,27 @@ def overall_state(results: Iterable[HealthCheckResult]) -> State:
     return State.DEGRADED if errors else State.HEALTHY
 
 
+FALLBACK_DEGRADATION = "SQLite development fallback in use: set DATABASE_URL"
+LOCAL_LIMITS_DEGRADATION = (
+    "rate limits are counted per process (local memory): set REDIS_URL"
+)
+
+
+def local_rate_limits(alias: str = "default") -> bool:
+    return settings.CACHES[alias]["BACKEND"] in LOCAL_CACHE_BACKENDS
+
+
 def degradations() -> list[str]:
-    """Configuration that works but should not be run in production (no I/O)."""
+    """Configuration that works but should not be run in production (no I/O).
+
+    The one place these conditions are read; ``/health/live`` lists them and
+    the ``DatabaseBackend`` / ``RateLimitCache`` checks report them.
+    """
     reasons = []
     if settings.DATABASE_FALLBACK:
-        reasons.append("SQLite development fallback in use: set DATABASE_URL")
-    if settings.CACHES["default"]["BACKEND"] in LOCAL_CACHE_BACKENDS:
-        reasons.append("rate limits are counted per process: set REDIS_URL")
+        reasons.append(FALLBACK_DEGRADATION)
+    if local_rate_limits():
+        reasons.append(LOCAL_LIMITS_DEGRADATION)
     return reasons
 
 
@@ -246,7 +260,7 @@ class DatabaseBackend(HealthCheck):
 
     async def run(self) -> None:
         if settings.DATABASE_FALLBACK:
-            raise ServiceWarning("SQLite development fallback in use: set DATABASE_URL")
+            raise ServiceWarning(FALLBACK_DEGRADATION)
 
 
 @dataclasses.dataclass
@@ -256,10 +270,8 @@ class RateLimitCache(HealthCheck):
     alias: str = "default"
 
     async def run(self) -> None:
-        if settings.CACHES[self.alias]["BACKEND"] in LOCAL_CACHE_BACKENDS:
-            raise ServiceWarning(
-                "rate limits are counted per process (local memory): set REDIS_URL"
-            )
+        if local_rate_limits(self.alias):
+            raise ServiceWarning(LOCAL_LIMITS_DEGRADATION)
 
 
 # --- The report -----------------------------------------------------------------
