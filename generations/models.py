@@ -240,10 +240,6 @@ class Generation(SoftDeleteModel):
         return f"{self.name or self.prompt[:40]} [{self.get_status_display()}]"
 
     @property
-    def status_name(self) -> str:
-        return Status(self.status).label
-
-    @property
     def is_terminal(self) -> bool:
         return self.status in Status.terminal()
 
