@@ -12,6 +12,17 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
+# manage.py migration_script copies the target's schema with pg_dump and psql,
+# which must be of the server's major version (compose runs PostgreSQL 16;
+# Debian's own client is another major), so the client comes from the
+# PostgreSQL project's apt repository, enabled by Debian's postgresql-common.
+ARG PG_CLIENT_MAJOR=16
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates postgresql-common \
+ && /usr/share/postgresql-common/pgdg/apt.postgresql.org.sh -y \
+ && apt-get install -y --no-install-recommends "postgresql-client-${PG_CLIENT_MAJOR}" \
+ && rm -rf /var/lib/apt/lists/*
+
 # Dependencies in their own layer: rebuilt only when requirements.txt changes.
 COPY requirements.txt ./
 RUN pip install -r requirements.txt

@@ -204,6 +204,19 @@ def test_dependencies_are_installed_in_their_own_layer_before_the_code():
     assert copy_requirements < install < copy_code
 
 
+def test_image_has_the_postgres_client_of_the_compose_server():
+    """migration_script runs pg_dump / psql, which refuse a newer server."""
+    server_major = SERVICES["postgres"]["image"].split(":")[1].split("-")[0]
+    [client_major] = [
+        args.split("=", 1)[1]
+        for args in instruction_args("ARG")
+        if args.startswith("PG_CLIENT_MAJOR=")
+    ]
+    assert client_major == server_major
+    runs = " ".join(instruction_args("RUN"))
+    assert '"postgresql-client-${PG_CLIENT_MAJOR}"' in runs
+
+
 def test_image_runs_as_a_non_root_user():
     users = instruction_args("USER")
     assert users, "no USER instruction"

@@ -7,8 +7,10 @@ the end of the module) and runs ``manage.py`` in subprocesses, as operators do.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -233,8 +235,8 @@ def test_migration_script_is_empty_for_an_up_to_date_database(server, latest):
         pytest.param(
             "test-app-at-0001",
             TEST_APP,
-            ["migration_app.0002_rework"],
-            id="test-app-at-0001-drops-and-renames",
+            ["migration_app.0002_rework", "migration_app.0003_index_on_a_big_table"],
+            id="test-app-at-0001-drops-renames-and-indexes",
         ),
     ],
 )
@@ -252,7 +254,7 @@ def test_migration_script_applied_twice_equals_migrate(
     script = manage(url, "migration_script", env=env).stdout
     (path := tmp_path / "script.sql").write_text(script)
 
-    assert schema_dump(url) == schema_before  # the rehearsal was rolled back
+    assert schema_dump(url) == schema_before  # rehearsed elsewhere
     scripted = [
         line.removeprefix("-- ")
         for line in script.splitlines()
@@ -285,3 +287,116 @@ def test_migration_script_records_data_migrations_without_running_them(server):
     assert "THIS OPERATION CANNOT BE WRITTEN AS SQL" in seed
     assert "EXECUTE" not in seed
     assert "'apikeys', '0002_seed_dev_key'" in seed
+
+
+# --- migration_script never touches the target ---------------------------------
+
+SCRATCH = (
+    "SELECT datname FROM pg_database WHERE datname LIKE 'lockngen_migration_script_%'"
+)
+
+
+def scratch_databases(url: str) -> set[str]:
+    return {name for (name,) in query(url, SCRATCH)}
+
+
+@pytest.fixture
+def widgets_at_0001(server, latest_with_test_app) -> str:
+    """A database whose test app is at 0001 (0002 and 0003 pending)."""
+    url = server.create(template=latest_with_test_app.rsplit("/", 1)[1])
+    manage(url, "migrate", "migration_app", "0001", env=TEST_APP)
+    return url
+
+
+def test_migration_script_never_blocks_writes_to_a_big_table(widgets_at_0001):
+    url = widgets_at_0001
+    with psycopg.connect(url) as conn:
+        conn.execute("INSERT INTO migration_app_shelf (code) VALUES ('a')")
+        conn.execute(
+            "INSERT INTO migration_app_widget (sku, label, size, shelf_id) "
+            "SELECT 'w' || n, 'widget', n, (SELECT id FROM migration_app_shelf) "
+            "FROM generate_series(1, 200000) AS n"
+        )
+    before = scratch_databases(url)
+    schema_before = schema_dump(url)
+    writer = psycopg.connect(url)
+    try:
+        # An INSERT whose transaction stays open for the whole run: its lock
+        # conflicts with every ALTER TABLE and CREATE INDEX of 0002 and 0003,
+        # so a rehearsal on the target would wait and time out.
+        writer.execute(
+            "INSERT INTO migration_app_widget (sku, label, size, shelf_id) "
+            "SELECT 'late', 'late', 1, id FROM migration_app_shelf"
+        )
+
+        script = manage(url, "migration_script", "--lock-timeout", "2000", env=TEST_APP)
+
+        writer.commit()
+    finally:
+        writer.close()
+    assert 'CREATE INDEX "widget_sku_size_idx"' in script.stdout
+    assert query(url, "SELECT count(*) FROM migration_app_widget") == [(200001,)]
+    assert schema_dump(url) == schema_before
+    assert scratch_databases(url) <= before
+
+
+def test_migration_script_drops_its_scratch_database_when_a_migration_fails(
+    widgets_at_0001,
+):
+    url = widgets_at_0001
+    with psycopg.connect(url) as conn:  # 0002 alters "label", now gone
+        conn.execute("ALTER TABLE migration_app_widget RENAME label TO caption")
+    before = scratch_databases(url)
+
+    result = manage(url, "migration_script", env=TEST_APP, ok=False)
+
+    assert result.returncode == 1
+    assert "migration_app.0002_rework fails on this database" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert scratch_databases(url) <= before
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["int", "term"])
+def test_interrupted_migration_script_drops_its_scratch_database(
+    widgets_at_0001, signum
+):
+    url = widgets_at_0001
+    before = scratch_databases(url)
+    environ = {
+        key: value for key, value in os.environ.items() if key != "LOCKNGEN_ENV"
+    } | {"DATABASE_URL": url, **TEST_APP}
+    locker = psycopg.connect(url)
+    try:
+        # pg_dump waits behind this lock, with the scratch database made.
+        locker.execute("LOCK TABLE migration_app_widget IN ACCESS EXCLUSIVE MODE")
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "manage.py",
+                "migration_script",
+                "--lock-timeout",
+                "60000",
+            ],
+            cwd=BASE_DIR,
+            env=environ,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while not scratch_databases(url) - before:
+                assert process.poll() is None, process.communicate()
+                assert time.monotonic() < deadline, "no scratch database appeared"
+                time.sleep(0.1)
+            process.send_signal(signum)
+            _, stderr = process.communicate(timeout=60)
+        finally:
+            process.kill()
+            process.wait()
+    finally:
+        locker.close()
+
+    assert process.returncode == 1, stderr
+    assert "interrupted; the scratch database was dropped" in stderr
+    assert scratch_databases(url) <= before

@@ -1,4 +1,4 @@
-"""The state after 0002 (makemigrations stays clean with the app installed)."""
+"""The state after 0003 (makemigrations stays clean with the app installed)."""
 
 from django.db import models
 from django.db.models import Q
@@ -18,7 +18,10 @@ class Widget(models.Model):
     rack = models.ForeignKey(Rack, on_delete=models.CASCADE, db_constraint=False)
 
     class Meta:
-        indexes = [models.Index(fields=["size"], name="widget_size_renamed_idx")]
+        indexes = [
+            models.Index(fields=["size"], name="widget_size_renamed_idx"),
+            models.Index(fields=["sku", "size"], name="widget_sku_size_idx"),
+        ]
         constraints = [
             models.CheckConstraint(
                 condition=Q(size__gt=0), name="widget_size_positive"

@@ -5,21 +5,33 @@ block: it locks ``django_migrations``, skips itself if it is recorded there,
 otherwise runs its statements and records itself. The script is plain SQL
 (``psql -v ON_ERROR_STOP=1 -f script.sql``) and safe to run twice.
 
-Why a rehearsal: Django's schema editor asks the live database for the names
-of the constraints and indexes it alters or drops. A migration that drops
-what an earlier *pending* migration creates would find nothing in the live
-schema, so each migration's SQL is collected while the previous ones are
-really executed inside one transaction on the target database, which is
-rolled back at the end. Nothing is committed; the DDL holds its locks only
-for the duration of the rehearsal (bounded by ``--lock-timeout``).
+Why a rehearsal, and why not on the target: Django's schema editor asks the
+live database for the names of the constraints and indexes it alters or
+drops. A migration that drops what an earlier *pending* migration creates
+would find nothing in the live schema, so each migration's SQL is collected
+while the previous ones are really executed. Executing them on the target,
+even in a transaction rolled back at the end, would build its indexes and
+rewrite its tables under locks just to print SQL. So the target is only
+read: its schema (no data) is copied with ``pg_dump --schema-only`` into a
+scratch database, the migrations are rehearsed there, and the scratch
+database is dropped whatever happens (error, Ctrl-C, SIGTERM).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
-from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections, transaction
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections
+from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.migrations.executor import MigrationExecutor
 from django.db.migrations.migration import Migration
 from django.db.migrations.recorder import MigrationRecorder
@@ -27,6 +39,8 @@ from django.db.migrations.state import ProjectState
 
 RECORDER_TABLE = MigrationRecorder.Migration._meta.db_table
 CANNOT_BE_SQL = "-- THIS OPERATION CANNOT BE WRITTEN AS SQL"
+SCRATCH_PREFIX = "lockngen_migration_script_"
+CLIENT_TIMEOUT = 600  # s; pg_dump / psql of a schema, never of data
 
 
 def literal(value: str) -> str:
@@ -51,6 +65,133 @@ def is_recorded(app: str, name: str) -> str:
     )
 
 
+def libpq_env(settings_dict: dict[str, Any], name: str) -> dict[str, str]:
+    """Environment for pg_dump / psql reaching database ``name``.
+
+    Credentials go through the environment, never the command line (which
+    ``ps`` shows to every user of the machine).
+    """
+    options = settings_dict.get("OPTIONS") or {}
+    values = {
+        "PGHOST": settings_dict.get("HOST"),
+        "PGPORT": settings_dict.get("PORT"),
+        "PGUSER": settings_dict.get("USER"),
+        "PGPASSWORD": settings_dict.get("PASSWORD"),
+        "PGDATABASE": name,
+        "PGSSLMODE": options.get("sslmode"),
+        "PGCONNECT_TIMEOUT": options.get("connect_timeout"),
+        "PGAPPNAME": "lockngen migration_script",
+    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env.update({key: str(value) for key, value in values.items() if value})
+    return env
+
+
+def run_client(args: list[str], env: dict[str, str], stdin: str | None = None) -> str:
+    """Run a PostgreSQL client tool; its first error line becomes a CommandError."""
+    try:
+        result = subprocess.run(  # noqa: S603 - fixed argument lists, no shell
+            args,
+            input=stdin,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=CLIENT_TIMEOUT,
+        )
+    except FileNotFoundError:
+        raise CommandError(
+            f"{args[0]} not found: migration_script needs the PostgreSQL client "
+            "tools (pg_dump, psql) of the server's major version or newer"
+        ) from None
+    if result.returncode != 0:
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        raise CommandError(f"{args[0]} failed: {lines[0] if lines else 'no output'}")
+    return result.stdout
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """Let SIGTERM unwind like Ctrl-C, so ``finally`` blocks still run."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def scratch_copy(
+    connection: BaseDatabaseWrapper, *, lock_timeout_ms: int
+) -> Iterator[BaseDatabaseWrapper]:
+    """A connection to a new database holding the target's schema and no data.
+
+    The database is created on the target's server, filled from
+    ``pg_dump --schema-only`` of the target, and dropped on the way out,
+    whatever happened. ``pg_dump`` takes only ACCESS SHARE locks on the
+    target (concurrent reads and writes go on) and gives up after
+    ``lock_timeout_ms`` behind a DBA's exclusive lock.
+    """
+    name = SCRATCH_PREFIX + secrets.token_hex(6)
+    quoted = connection.ops.quote_name(name)
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(f"CREATE DATABASE {quoted} TEMPLATE template0")
+    except DatabaseError as exc:
+        raise CommandError(
+            "migration_script rehearses on a scratch copy of the schema and "
+            f"needs the CREATEDB privilege: {str(exc).strip().splitlines()[0]}"
+        ) from None
+    scratch = None
+    try:
+        settings_dict = connection.settings_dict
+        schema = run_client(
+            [
+                "pg_dump",
+                "--schema-only",
+                "--no-owner",
+                "--no-privileges",
+                f"--lock-wait-timeout={lock_timeout_ms}",
+            ],
+            libpq_env(settings_dict, settings_dict["NAME"]),
+        )
+        run_client(
+            ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "--single-transaction"],
+            libpq_env(settings_dict, name),
+            stdin=schema,
+        )
+        options = {
+            key: value
+            for key, value in (settings_dict.get("OPTIONS") or {}).items()
+            if key != "pool"  # one short-lived connection; no pool of its own
+        }
+        scratch = type(connection)(
+            {**settings_dict, "NAME": name, "OPTIONS": options}, connection.alias
+        )
+        # Under the target's alias, so routers and the schema editor treat the
+        # copy exactly as they would treat the target.
+        connections[connection.alias] = scratch
+        yield scratch
+    finally:
+        if scratch is not None:
+            connections[connection.alias] = connection
+            scratch.close()
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute(f"DROP DATABASE IF EXISTS {quoted} WITH (FORCE)")
+        except DatabaseError as exc:  # never mask what is propagating
+            sys.stderr.write(
+                f"could not drop the scratch database {name}; drop it by hand: "
+                f"{str(exc).strip().splitlines()[0]}\n"
+            )
+
+
 class Command(BaseCommand):
     help = (
         "Print one SQL script applying the migrations not yet applied to the "
@@ -69,7 +210,7 @@ class Command(BaseCommand):
             type=int,
             default=5000,
             metavar="MS",
-            help="give up the rehearsal when a table lock waits longer (ms)",
+            help="give up when reading the target's schema waits for a lock (ms)",
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -104,17 +245,26 @@ class Command(BaseCommand):
                     "apply it with manage.py migrate"
                 )
         lines += ["", *self._recorder_table(connection)]
-        state = executor._create_project_state(with_applied_migrations=True)
-        with transaction.atomic(using=connection.alias):
-            with connection.cursor() as cursor:
-                cursor.execute(
-                    "SELECT set_config('lock_timeout', %s, true)",
-                    [f"{options['lock_timeout']}ms"],
-                )
-            for migration, _ in plan:
-                statements, state = self._rehearse(connection, migration, state)
-                lines += ["", *self._guarded(migration, statements)]
-            transaction.set_rollback(True, using=connection.alias)
+        graph = executor.loader.graph
+        applied = [
+            key for key in executor.loader.applied_migrations if key in graph.nodes
+        ]
+        state = executor.loader.project_state(applied, at_end=True)
+        try:
+            # No transaction on the copy: it is dropped anyway.
+            with (
+                terminate_as_interrupt(),
+                scratch_copy(
+                    connection, lock_timeout_ms=options["lock_timeout"]
+                ) as scratch,
+            ):
+                for migration, _ in plan:
+                    statements, state = self._rehearse(scratch, migration, state)
+                    lines += ["", *self._guarded(migration, statements)]
+        except KeyboardInterrupt:
+            raise CommandError(
+                "interrupted; the scratch database was dropped"
+            ) from None
         self.stdout.write("\n".join(lines))
 
     def _recorder_table(self, connection: Any) -> list[str]:
@@ -134,10 +284,11 @@ class Command(BaseCommand):
     def _rehearse(
         self, connection: Any, migration: Migration, state: ProjectState
     ) -> tuple[list[str], ProjectState]:
-        """Collect ``migration``'s SQL and run it inside the open transaction.
+        """Collect ``migration``'s SQL and run it on the scratch copy.
 
-        Running each statement as it is collected keeps the live schema (which
-        the schema editor introspects for names) as migrate would leave it.
+        Running each statement as it is collected keeps the copy's schema
+        (which the schema editor introspects for names) as migrate would leave
+        the target's.
         """
 
         class RehearsingEditor(connection.SchemaEditorClass):  # type: ignore[name-defined]
@@ -152,7 +303,7 @@ class Command(BaseCommand):
         if "apps" not in state.__dict__:
             state.apps  # noqa: B018 - render once, as the executor does
         try:
-            with RehearsingEditor(connection, collect_sql=True, atomic=True) as editor:
+            with RehearsingEditor(connection, collect_sql=True, atomic=False) as editor:
                 state = migration.apply(state, editor, collect_sql=True)
         except (DatabaseError, ValueError) as exc:
             message = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
