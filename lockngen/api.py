@@ -52,12 +52,17 @@ from apikeys.auth import (
     RateLimitState,
     rate_limit_hit,
 )
+from lockngen.inbound import RequestBodyTooLarge
 from lockngen.middleware import database_unavailable_response
 
 logger = logging.getLogger(__name__)
 request_logger = logging.getLogger("django.request")
 
 API_PREFIX = "/api/"
+# Where every error is JSON (SPEC §5, §12). The one exception: /health/'s own
+# report, whose 503 "unhealthy" page is content-negotiated (HTML for humans).
+JSON_ERROR_PREFIXES = (API_PREFIX, "/health/")
+HEALTH_REPORT_URL_NAME = "health"
 
 
 # --- Routing -----------------------------------------------------------------
@@ -548,11 +553,8 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> HttpRespon
             {"detail": "Invalid input.", "code": "invalid"},
             status=HTTPStatus.BAD_REQUEST,
         )
-    if isinstance(exc, RequestDataTooBig):
-        return Response(
-            {"detail": "Request body too large."},
-            status=HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-        )
+    if isinstance(exc, RequestDataTooBig):  # Content-Length over the limit
+        exc = RequestBodyTooLarge()
     if isinstance(exc, SuspiciousOperation):
         return Response({"detail": "Bad request."}, status=HTTPStatus.BAD_REQUEST)
     response = drf_exception_handler(exc, context)
@@ -579,9 +581,10 @@ def not_found(request: HttpRequest, *args: Any, **kwargs: Any) -> JsonResponse:
 
 
 class ApiErrorsAsJsonMiddleware:
-    """Safety net: an error response under ``/api/`` that is not JSON yet (a
-    400 from host validation, a 500 raised in a middleware, Django's debug
-    pages) becomes ``{"detail": …}`` with the same status and headers.
+    """Safety net: an error response under ``/api/`` or ``/health/`` that is
+    not JSON yet (a 400 from host validation, a 403 from CSRF, a 500 raised in
+    a middleware, Django's debug pages) becomes ``{"detail": …}`` with the same
+    status and headers.
     """
 
     def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
@@ -591,11 +594,21 @@ class ApiErrorsAsJsonMiddleware:
         response = self.get_response(request)
         if (
             response.status_code >= HTTPStatus.BAD_REQUEST
-            and request.path.startswith(API_PREFIX)
+            and request.path.startswith(JSON_ERROR_PREFIXES)
             and not response.get("Content-Type", "").startswith("application/json")
+            and not is_health_report(request, response)
         ):
             return as_json(response)
         return response
+
+
+def is_health_report(request: HttpRequest, response: HttpResponse) -> bool:
+    match = getattr(request, "resolver_match", None)
+    return (
+        match is not None
+        and match.url_name == HEALTH_REPORT_URL_NAME
+        and response.status_code == HTTPStatus.SERVICE_UNAVAILABLE
+    )
 
 
 def as_json(response: HttpResponse) -> JsonResponse:
