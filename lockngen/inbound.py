@@ -5,7 +5,8 @@ Two layers, each the single place for its share (SPEC §12):
 - ``RequestGate`` wraps the WSGI application (``lockngen.wsgi``), because
   Django builds the request — and dies on a ``charset=rot13`` — before the
   first middleware runs. It refuses unusable ``Content-Type`` charsets (415)
-  and turns a ``Transfer-Encoding: chunked`` body into an ordinary one with a
+  and bodies over ``DATA_UPLOAD_MAX_MEMORY_SIZE`` (413), and turns a
+  ``Transfer-Encoding: chunked`` body into an ordinary one with a
   ``Content-Length`` (or refuses it: 411 / 413), for every URL.
 - ``BoundedJSONParser`` is the API's only parser: a body over
   ``DATA_UPLOAD_MAX_MEMORY_SIZE`` is 413, nesting deeper than ``MAX_DEPTH`` or
@@ -15,7 +16,6 @@ Two layers, each the single place for its share (SPEC §12):
 
 from __future__ import annotations
 
-import codecs
 import functools
 import io
 import json
@@ -50,23 +50,36 @@ WSGIApp = Callable[[WSGIEnviron, StartResponse], Iterable[bytes]]
 # --- Charsets -------------------------------------------------------------------
 
 # Query strings, percent-encoding and JSON's structure are ASCII: a charset is
-# usable only if it decodes these bytes to the same characters. That refuses
-# bytes-to-bytes codecs (rot13, base64, zlib: Django dies building the request),
-# names that do not exist, and text codecs that reinterpret ASCII (UTF-16/32,
-# EBCDIC, idna and punycode crash Django's query-string parsing, unicode_escape
-# would manufacture surrogates), while every ASCII superset (UTF-8, Latin-1,
-# cp1252, Shift-JIS …) still works.
-_ASCII_PROBE = bytes(range(0x20, 0x7F)) + b"\t\r\n\\u0041+-~"
+# usable only if it is a text encoding that decodes ASCII to the same
+# characters and decodes any other bytes the ways Django does (strictly,
+# failing with UnicodeDecodeError; or with errors="replace", not failing).
+# That refuses bytes-to-bytes codecs (rot13, base64, zlib: Django dies
+# building the request), names that do not exist, and text codecs that
+# reinterpret ASCII or cannot replace (UTF-16/32, EBCDIC, idna and punycode
+# crash Django's query-string parsing; unicode_escape would manufacture
+# surrogates), while every ASCII superset (UTF-8, Latin-1, cp1252, Shift-JIS …)
+# still works.
+_ASCII_PROBE = bytes(b for b in range(0x20, 0x7F) if b != ord("\\")) + b"\t\r\n\\u0041"
+_HIGH_PROBE = bytes(range(0x80, 0x100))
 
 
 @functools.lru_cache(maxsize=256)
 def is_usable_charset(name: str) -> bool:
     try:
-        return codecs.decode(_ASCII_PROBE, name) == _ASCII_PROBE.decode("ascii")
-    except (LookupError, ValueError, TypeError):
-        # LookupError: unknown name; ValueError (UnicodeError included) and
-        # TypeError: codecs that refuse or return something other than text.
+        # bytes.decode, unlike codecs.decode, refuses non-text codecs
+        # (LookupError) instead of decompressing with them.
+        if _ASCII_PROBE.decode(name) != _ASCII_PROBE.decode("ascii"):
+            return False
+        _HIGH_PROBE.decode(name, "replace")
+    except (LookupError, UnicodeError):
         return False
+    try:
+        _HIGH_PROBE.decode(name)
+    except UnicodeDecodeError:  # a byte sequence the charset lacks: ordinary
+        pass
+    except UnicodeError:
+        return False
+    return True
 
 
 def charset_refusal(content_type: str) -> str | None:
@@ -107,6 +120,14 @@ class RequestGate:
             return HTTPStatus.UNSUPPORTED_MEDIA_TYPE, reason, "unsupported_media_type"
         if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
             return buffer_chunked_body(environ)
+        # Also for views that never read their body (claim, cancel …), which
+        # Django's own check (when the body is read) would never see.
+        try:
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            return HTTPStatus.BAD_REQUEST, "Invalid Content-Length.", "bad_request"
+        if length > settings.DATA_UPLOAD_MAX_MEMORY_SIZE:
+            return HTTPStatus.REQUEST_ENTITY_TOO_LARGE, too_large_detail(), "too_large"
         return None
 
 
