@@ -480,7 +480,10 @@ AUTH_ERRORS = {
 }
 ADMIN_ERRORS = {**AUTH_ERRORS, HTTPStatus.FORBIDDEN: error("Needs an admin key.")}
 UNSUPPORTED_MEDIA_TYPE = {
-    HTTPStatus.UNSUPPORTED_MEDIA_TYPE: error("The body must be application/json.")
+    HTTPStatus.UNSUPPORTED_MEDIA_TYPE: error(
+        "The body must be application/json (UTF-8, or another charset that "
+        "is a superset of ASCII)."
+    )
 }
 RESPONSE_HEADERS = [
     OpenApiParameter(
@@ -512,6 +515,38 @@ RESPONSE_HEADERS = [
         description="Seconds to wait.",
     ),
 ]
+
+
+def document_body_limits(
+    result: dict[str, Any], generator: Any, request: Any, public: bool
+) -> dict[str, Any]:
+    """drf-spectacular post-processing hook: the 413 that every operation with
+    a request body can answer (``lockngen.inbound`` refuses bodies over the
+    limit for every endpoint at once, so it is documented at once too)."""
+    limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+    for path_item in result.get("paths", {}).values():
+        for operation in path_item.values():
+            if not isinstance(operation, dict) or "requestBody" not in operation:
+                continue
+            responses = operation["responses"]
+            headers = next(iter(responses.values())).get("headers", {})
+            responses.setdefault(
+                str(HTTPStatus.REQUEST_ENTITY_TOO_LARGE.value),
+                {
+                    "content": {
+                        "application/json": {
+                            "schema": {"$ref": "#/components/schemas/Error"}
+                        }
+                    },
+                    "headers": {
+                        name: header
+                        for name, header in headers.items()
+                        if name == "X-Request-ID"
+                    },
+                    "description": f"Request body larger than {limit} bytes.",
+                },
+            )
+    return result
 
 
 def documented(
