@@ -33,7 +33,7 @@ from rest_framework.utils import json as drf_json
 
 from lockngen.requestid import HEADER as REQUEST_ID_HEADER
 from lockngen.requestid import META_KEY as REQUEST_ID_META_KEY
-from lockngen.requestid import is_sane, new_request_id
+from lockngen.requestid import is_sane, new_request_id, request_id_var
 
 logger = logging.getLogger(__name__)
 
@@ -177,14 +177,17 @@ def refuse(
     """A JSON refusal with an X-Request-ID, as RequestIDMiddleware would add."""
     sent = environ.get(REQUEST_ID_META_KEY, "")
     request_id = sent if is_sane(sent) else new_request_id()
-    logger.warning(
-        "refused %s %s: %d %s [%s]",
-        environ.get("REQUEST_METHOD", "?"),
-        environ.get("PATH_INFO", "?")[:200],
-        status,
-        detail,
-        request_id,
-    )
+    token = request_id_var.set(request_id)  # the log line carries it as usual
+    try:
+        logger.warning(
+            "refused %s %s: %d %s",
+            environ.get("REQUEST_METHOD", "?"),
+            environ.get("PATH_INFO", "?")[:200],
+            status,
+            detail,
+        )
+    finally:
+        request_id_var.reset(token)
     body = json.dumps({"detail": detail, "code": code}).encode()
     start_response(
         f"{status.value} {status.phrase}",
