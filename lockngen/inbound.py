@@ -150,11 +150,17 @@ def buffer_chunked_body(
         )
     limit: int = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
     stream: IO[bytes] = environ["wsgi.input"]
+    pieces: list[bytes] = []
+    size = 0
     try:
-        body = stream.read(limit + 1)
+        # A read may return less than asked for before the end (WSGI allows it).
+        while size <= limit and (piece := stream.read(limit + 1 - size)):
+            pieces.append(piece)
+            size += len(piece)
     except Exception as exc:  # the server's own parse errors: bad chunk sizes …
         logger.info("unreadable chunked request body: %s", type(exc).__name__)
         return HTTPStatus.BAD_REQUEST, "Malformed chunked request body.", "bad_request"
+    body = b"".join(pieces)
     if len(body) > limit:
         return HTTPStatus.REQUEST_ENTITY_TOO_LARGE, too_large_detail(), "too_large"
     environ["wsgi.input"] = io.BytesIO(body)

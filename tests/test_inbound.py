@@ -298,6 +298,22 @@ def test_a_chunked_body_reaches_the_app_with_a_content_length(size):
     assert inner.body == body
 
 
+def test_a_chunked_body_read_in_short_pieces_arrives_whole():
+    class Trickle(io.BytesIO):
+        def read(self, size: int | None = -1) -> bytes:
+            return super().read(min(size if size and size > 0 else 3, 3))
+
+    inner = Recorder()
+    body = b'{"name": "read three bytes at a time"}'
+
+    status, _, _ = call(
+        RequestGate(inner), **chunked(b"") | {"wsgi.input": Trickle(body)}
+    )
+
+    assert status == HTTPStatus.OK
+    assert inner.body == body
+
+
 def test_a_chunked_body_over_the_limit_is_413_and_never_reaches_the_app():
     inner = Recorder()
 
