@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import io
 import json
+import tracemalloc
 from collections.abc import Callable, Iterable
 from http import HTTPStatus
 from typing import Any
 from wsgiref.util import setup_testing_defaults
 
 import pytest
+from rest_framework.exceptions import ParseError
+from rest_framework.settings import api_settings
 
 from apikeys.models import ApiKey
 from generations.models import Generation, Status
@@ -159,6 +162,34 @@ def test_a_body_of_exactly_64_kib_is_read(owner_api):
     response = owner_api.post("generations", body)
 
     assert response.status_code == HTTPStatus.CREATED, response.content[:300]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        json.dumps({f"k{n}": n for n in range(4000)}).encode(),
+        b"[" * 30000 + b"]" * 30000,
+    ],
+    ids=["4000-keys", "30000-deep"],
+)
+def test_refusing_a_wide_or_deep_body_builds_no_python_objects(body):
+    from rest_framework.parsers import JSONParser
+
+    assert len(body) <= LIMIT
+    parser = next(
+        p for p in api_settings.DEFAULT_PARSER_CLASSES if issubclass(p, JSONParser)
+    )
+    tracemalloc.start()
+    try:
+        with pytest.raises(ParseError):
+            parser().parse(io.BytesIO(body), "application/json", {"encoding": "utf-8"})
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    # The body and its decoded text; a parsed dict of 4,000 keys is ~9 times
+    # the body, and 30,000 levels end in RecursionError.
+    assert peak < 3 * len(body)
 
 
 # --- The WSGI gate ------------------------------------------------------------------
