@@ -62,7 +62,7 @@ API_PREFIX = "/api/"
 # Where every error is JSON (SPEC §5, §12). The one exception: /health/'s own
 # report, whose 503 "unhealthy" page is content-negotiated (HTML for humans).
 JSON_ERROR_PREFIXES = (API_PREFIX, "/health/")
-HEALTH_REPORT_URL_NAME = "health"
+HEALTH_REPORT_PATH = "/health/"
 
 
 # --- Routing -----------------------------------------------------------------
@@ -638,10 +638,10 @@ class ApiErrorsAsJsonMiddleware:
 
 
 def is_health_report(request: HttpRequest, response: HttpResponse) -> bool:
-    match = getattr(request, "resolver_match", None)
+    # By path, not by resolved view: a cached report may be answered before
+    # URL resolution.
     return (
-        match is not None
-        and match.url_name == HEALTH_REPORT_URL_NAME
+        request.path_info == HEALTH_REPORT_PATH
         and response.status_code == HTTPStatus.SERVICE_UNAVAILABLE
     )
 
