@@ -52,12 +52,17 @@ from apikeys.auth import (
     RateLimitState,
     rate_limit_hit,
 )
+from lockngen.inbound import RequestBodyTooLarge
 from lockngen.middleware import database_unavailable_response
 
 logger = logging.getLogger(__name__)
 request_logger = logging.getLogger("django.request")
 
 API_PREFIX = "/api/"
+# Where every error is JSON (SPEC §5, §12). The one exception: /health/'s own
+# report, whose 503 "unhealthy" page is content-negotiated (HTML for humans).
+JSON_ERROR_PREFIXES = (API_PREFIX, "/health/")
+HEALTH_REPORT_PATH = "/health/"
 
 
 # --- Routing -----------------------------------------------------------------
@@ -475,7 +480,10 @@ AUTH_ERRORS = {
 }
 ADMIN_ERRORS = {**AUTH_ERRORS, HTTPStatus.FORBIDDEN: error("Needs an admin key.")}
 UNSUPPORTED_MEDIA_TYPE = {
-    HTTPStatus.UNSUPPORTED_MEDIA_TYPE: error("The body must be application/json.")
+    HTTPStatus.UNSUPPORTED_MEDIA_TYPE: error(
+        "The body must be application/json (UTF-8, or another charset that "
+        "is a superset of ASCII)."
+    )
 }
 RESPONSE_HEADERS = [
     OpenApiParameter(
@@ -507,6 +515,38 @@ RESPONSE_HEADERS = [
         description="Seconds to wait.",
     ),
 ]
+
+
+def document_body_limits(
+    result: dict[str, Any], generator: Any, request: Any, public: bool
+) -> dict[str, Any]:
+    """drf-spectacular post-processing hook: the 413 that every operation with
+    a request body can answer (``lockngen.inbound`` refuses bodies over the
+    limit for every endpoint at once, so it is documented at once too)."""
+    limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+    for path_item in result.get("paths", {}).values():
+        for operation in path_item.values():
+            if not isinstance(operation, dict) or "requestBody" not in operation:
+                continue
+            responses = operation["responses"]
+            headers = next(iter(responses.values())).get("headers", {})
+            responses.setdefault(
+                str(HTTPStatus.REQUEST_ENTITY_TOO_LARGE.value),
+                {
+                    "content": {
+                        "application/json": {
+                            "schema": {"$ref": "#/components/schemas/Error"}
+                        }
+                    },
+                    "headers": {
+                        name: header
+                        for name, header in headers.items()
+                        if name == "X-Request-ID"
+                    },
+                    "description": f"Request body larger than {limit} bytes.",
+                },
+            )
+    return result
 
 
 def documented(
@@ -548,11 +588,8 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> HttpRespon
             {"detail": "Invalid input.", "code": "invalid"},
             status=HTTPStatus.BAD_REQUEST,
         )
-    if isinstance(exc, RequestDataTooBig):
-        return Response(
-            {"detail": "Request body too large."},
-            status=HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-        )
+    if isinstance(exc, RequestDataTooBig):  # Content-Length over the limit
+        exc = RequestBodyTooLarge()
     if isinstance(exc, SuspiciousOperation):
         return Response({"detail": "Bad request."}, status=HTTPStatus.BAD_REQUEST)
     response = drf_exception_handler(exc, context)
@@ -579,9 +616,10 @@ def not_found(request: HttpRequest, *args: Any, **kwargs: Any) -> JsonResponse:
 
 
 class ApiErrorsAsJsonMiddleware:
-    """Safety net: an error response under ``/api/`` that is not JSON yet (a
-    400 from host validation, a 500 raised in a middleware, Django's debug
-    pages) becomes ``{"detail": …}`` with the same status and headers.
+    """Safety net: an error response under ``/api/`` or ``/health/`` that is
+    not JSON yet (a 400 from host validation, a 403 from CSRF, a 500 raised in
+    a middleware, Django's debug pages) becomes ``{"detail": …}`` with the same
+    status and headers.
     """
 
     def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
@@ -591,11 +629,21 @@ class ApiErrorsAsJsonMiddleware:
         response = self.get_response(request)
         if (
             response.status_code >= HTTPStatus.BAD_REQUEST
-            and request.path.startswith(API_PREFIX)
+            and request.path.startswith(JSON_ERROR_PREFIXES)
             and not response.get("Content-Type", "").startswith("application/json")
+            and not is_health_report(request, response)
         ):
             return as_json(response)
         return response
+
+
+def is_health_report(request: HttpRequest, response: HttpResponse) -> bool:
+    # By path, not by resolved view: a cached report may be answered before
+    # URL resolution.
+    return (
+        request.path_info == HEALTH_REPORT_PATH
+        and response.status_code == HTTPStatus.SERVICE_UNAVAILABLE
+    )
 
 
 def as_json(response: HttpResponse) -> JsonResponse:

@@ -203,12 +203,19 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["apikeys.auth.HasApiKey"],
     "DEFAULT_THROTTLE_CLASSES": [],  # the per-key limit lives in apikeys.auth
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    # JSON with bounded size, depth and keys, no lone surrogates (SPEC §12).
+    "DEFAULT_PARSER_CLASSES": ["lockngen.inbound.BoundedJSONParser"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "lockngen.api.api_exception_handler",
     "UNAUTHENTICATED_USER": None,
     "UNAUTHENTICATED_TOKEN": None,
 }
+
+# Request bodies (SPEC §12): the largest real one, a 4,000-character prompt and
+# negative prompt, is at most 32 KB as UTF-8. Django checks Content-Length
+# against this before reading; lockngen.inbound applies it to chunked bodies
+# and in the JSON parser.
+DATA_UPLOAD_MAX_MEMORY_SIZE = 64 * 1024
 
 SPECTACULAR_SETTINGS = {
     "TITLE": "LockN Gen persistence service",
@@ -225,6 +232,10 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",  # the default
+        "lockngen.api.document_body_limits",
+    ],
 }
 
 # Error pages and reports hide DATABASE_URL / REDIS_URL like other secrets.

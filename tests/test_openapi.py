@@ -87,7 +87,7 @@ def test_schema_documents_both_key_headers_and_the_errors(schema):
         if "{id}" in path:
             assert {"400", "404"} <= set(operation["responses"]), where
         if "requestBody" in operation:
-            assert "400" in operation["responses"], where
+            assert {"400", "413", "415"} <= set(operation["responses"]), where
 
 
 def test_generation_and_key_bodies_are_documented(schema):
