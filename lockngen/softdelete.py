@@ -20,9 +20,13 @@ class SoftDeleteQuerySet(models.QuerySet):
     def dead(self) -> SoftDeleteQuerySet:
         return self.filter(is_deleted=True)
 
+    def soft_delete_values(self) -> dict[str, Any]:
+        """What soft-deleting a row writes; a model with more rules extends it."""
+        return {"is_deleted": True, "deleted_at": Now()}
+
     def delete(self) -> tuple[int, dict[str, int]]:  # type: ignore[override]
         """Soft-delete every row in one UPDATE; returns Django's delete shape."""
-        count = self.filter(is_deleted=False).update(is_deleted=True, deleted_at=Now())
+        count = self.filter(is_deleted=False).update(**self.soft_delete_values())
         return count, {self.model._meta.label: count}
 
     delete.alters_data = True  # type: ignore[attr-defined]
@@ -63,13 +67,11 @@ class SoftDeleteModel(models.Model):
     def delete(  # type: ignore[override]
         self, using: str | None = None, keep_parents: bool = False
     ) -> tuple[int, dict[str, int]]:
-        count = (
-            type(self)
-            .all_objects.filter(pk=self.pk, is_deleted=False)
-            .update(is_deleted=True, deleted_at=Now())
-        )
-        self.refresh_from_db(fields=["is_deleted", "deleted_at"])
-        return count, {self._meta.label: count}
+        # Through the queryset, so the model's own delete rules apply here too.
+        rows = type(self).all_objects.filter(pk=self.pk)
+        count, detail = rows.delete()
+        self.refresh_from_db(fields=list(rows.soft_delete_values()))
+        return count, detail
 
     delete.alters_data = True  # type: ignore[attr-defined]
 

@@ -394,14 +394,15 @@ def test_deleting_a_running_job_cancels_it_so_its_worker_stops(
     owner_api, owner_key, admin_api
 ):
     generation = make_generation(api_key=owner_key[0])
-    assert admin_api.post("generations/claim").json()["id"] == str(generation.pk)
+    claimed = admin_api.post("generations/claim").json()
+    assert claimed["id"] == str(generation.pk)
 
     assert owner_api.delete(f"generations/{generation.pk}").status_code == 204
 
     stored = Generation.all_objects.get(pk=generation.pk)
     assert (stored.is_deleted, stored.status) == (True, Status.CANCELLED)
-    assert stored.lease_expires_at is None
-    heartbeat = admin_api.post(f"generations/{generation.pk}/heartbeat")
+    assert (stored.lease_expires_at, stored.lease_token) == (None, None)
+    heartbeat = admin_api.post(f"generations/{generation.pk}/heartbeat", lease(claimed))
     assert heartbeat.status_code == HTTPStatus.NOT_FOUND
 
 
@@ -447,6 +448,11 @@ def test_cancelling_a_terminal_generation_is_a_conflict_naming_the_status(
 # --- Workers: claim, heartbeat, complete, fail -----------------------------------
 
 
+def lease(claimed: dict, **body) -> dict:
+    """A worker request body: the claim's fencing token, plus ``body``."""
+    return {"lease_token": claimed["lease_token"], **body}
+
+
 def test_claim_hands_out_the_oldest_queued_job(admin_api, owner_key):
     oldest = make_generation(api_key=owner_key[0], prompt="first")
     make_generation(api_key=owner_key[0], prompt="second")
@@ -460,6 +466,11 @@ def test_claim_hands_out_the_oldest_queued_job(admin_api, owner_key):
     assert body["attempts"] == 1
     assert body["started_at"] is not None
     assert body["lease_expires_at"] > body["started_at"]
+    assert set(body) == GENERATION_FIELDS | {"lease_token"}
+    assert str(uuid.UUID(body["lease_token"])) == body["lease_token"]
+    assert Generation.objects.get(pk=oldest.pk).lease_token == uuid.UUID(
+        body["lease_token"]
+    )
 
 
 def test_claim_with_nothing_queued_is_204(admin_api):
@@ -473,12 +484,13 @@ def test_heartbeat_extends_the_lease(admin_api, owner_key):
     claimed = admin_api.post("generations/claim").json()
     Generation.objects.filter(pk=claimed["id"]).update(lease_expires_at=Now())
 
-    response = admin_api.post(f"generations/{claimed['id']}/heartbeat")
+    response = admin_api.post(f"generations/{claimed['id']}/heartbeat", lease(claimed))
 
     assert response.status_code == HTTPStatus.OK
     assert response.json()["status"] == "running"
-    lease = Generation.objects.get(pk=claimed["id"]).lease_expires_at
-    assert lease > Generation.objects.get(pk=claimed["id"]).started_at + timedelta(
+    assert response.json()["lease_token"] == claimed["lease_token"]
+    expires = Generation.objects.get(pk=claimed["id"]).lease_expires_at
+    assert expires > Generation.objects.get(pk=claimed["id"]).started_at + timedelta(
         seconds=1
     )
 
@@ -490,17 +502,25 @@ def test_heartbeat_tells_the_worker_its_job_was_cancelled(
     claimed = admin_api.post("generations/claim").json()
     owner_api.post(f"generations/{claimed['id']}/cancel")
 
-    response = admin_api.post(f"generations/{claimed['id']}/heartbeat")
+    response = admin_api.post(f"generations/{claimed['id']}/heartbeat", lease(claimed))
 
     assert response.status_code == HTTPStatus.OK
     assert response.json()["status"] == "cancelled"
+    assert response.json()["lease_token"] is None
 
 
-def test_heartbeat_of_a_queued_job_is_a_conflict(admin_api, owner_key):
+@pytest.mark.parametrize("verb", ["heartbeat", "complete", "fail"])
+def test_a_token_for_a_job_never_claimed_is_lease_lost(admin_api, owner_key, verb):
     generation = make_generation(api_key=owner_key[0])
-    response = admin_api.post(f"generations/{generation.pk}/heartbeat")
+    response = admin_api.post(
+        f"generations/{generation.pk}/{verb}",
+        {"lease_token": str(uuid.uuid4()), "output_path": "o"}
+        if verb == "complete"
+        else {"lease_token": str(uuid.uuid4())},
+    )
     assert response.status_code == HTTPStatus.CONFLICT
-    assert response.json()["status"] == "queued"
+    assert response.json()["code"] == "lease_lost"
+    assert Generation.objects.get(pk=generation.pk).status == Status.QUEUED
 
 
 def test_complete_records_the_outputs_and_the_duration(admin_api, owner_key):
@@ -509,7 +529,12 @@ def test_complete_records_the_outputs_and_the_duration(admin_api, owner_key):
 
     response = admin_api.post(
         f"generations/{claimed['id']}/complete",
-        {"output_path": "out/1.png", "thumbnail_path": "t/1.png", "prompt_id": "c-9"},
+        lease(
+            claimed,
+            output_path="out/1.png",
+            thumbnail_path="t/1.png",
+            prompt_id="c-9",
+        ),
     )
 
     assert response.status_code == HTTPStatus.OK
@@ -523,13 +548,15 @@ def test_complete_records_the_outputs_and_the_duration(admin_api, owner_key):
     assert body["completed_at"] is not None
     assert body["duration_ms"] >= 0
     assert body["lease_expires_at"] is None
+    assert "lease_token" not in body
+    assert Generation.objects.get(pk=claimed["id"]).lease_token is None
 
 
 def test_complete_needs_an_output_path(admin_api, owner_key):
     make_generation(api_key=owner_key[0])
     claimed = admin_api.post("generations/claim").json()
 
-    response = admin_api.post(f"generations/{claimed['id']}/complete", {})
+    response = admin_api.post(f"generations/{claimed['id']}/complete", lease(claimed))
 
     assert response.status_code == HTTPStatus.BAD_REQUEST
     assert "output_path" in response.json()
@@ -537,15 +564,23 @@ def test_complete_needs_an_output_path(admin_api, owner_key):
 
 
 @pytest.mark.parametrize("verb", ["complete", "fail"])
-def test_finishing_a_job_that_is_not_running_is_a_conflict(admin_api, owner_key, verb):
-    generation = make_generation(api_key=owner_key[0])
+def test_finishing_a_job_cancelled_meanwhile_is_an_invalid_transition(
+    admin_api, owner_api, owner_key, verb
+):
+    make_generation(api_key=owner_key[0])
+    claimed = admin_api.post("generations/claim").json()
+    owner_api.post(f"generations/{claimed['id']}/cancel")
+    before = Generation.objects.values().get(pk=claimed["id"])
+
     response = admin_api.post(
-        f"generations/{generation.pk}/{verb}",
-        {"output_path": "x"} if verb == "complete" else {},
+        f"generations/{claimed['id']}/{verb}",
+        lease(claimed, output_path="x") if verb == "complete" else lease(claimed),
     )
+
     assert response.status_code == HTTPStatus.CONFLICT
-    assert response.json()["status"] == "queued"
-    assert Generation.objects.get(pk=generation.pk).status == Status.QUEUED
+    assert response.json()["code"] == "invalid_transition"
+    assert response.json()["status"] == "cancelled"
+    assert Generation.objects.values().get(pk=claimed["id"]) == before
 
 
 def test_fail_records_the_error(admin_api, owner_key):
@@ -553,7 +588,8 @@ def test_fail_records_the_error(admin_api, owner_key):
     claimed = admin_api.post("generations/claim").json()
 
     response = admin_api.post(
-        f"generations/{claimed['id']}/fail", {"error_message": "CUDA out of memory"}
+        f"generations/{claimed['id']}/fail",
+        lease(claimed, error_message="CUDA out of memory"),
     )
 
     assert response.status_code == HTTPStatus.OK
@@ -582,16 +618,21 @@ ENDPOINTS = {
     "heartbeat": (
         "POST",
         "generations/{running}/heartbeat",
-        None,
+        {"lease_token": "{token}"},
         (401, 403, 403, 200),
     ),
     "complete": (
         "POST",
         "generations/{running}/complete",
-        {"output_path": "o.png"},
+        {"lease_token": "{token}", "output_path": "o.png"},
         (401, 403, 403, 200),
     ),
-    "fail": ("POST", "generations/{running}/fail", {}, (401, 403, 403, 200)),
+    "fail": (
+        "POST",
+        "generations/{running}/fail",
+        {"lease_token": "{token}"},
+        (401, 403, 403, 200),
+    ),
     "keys-list": ("GET", "keys", None, (401, 403, 403, 200)),
     "keys-create": ("POST", "keys", {"name": "k"}, (401, 403, 403, 201)),
     "keys-retrieve": ("GET", "keys/{key}", None, (401, 403, 403, 200)),
@@ -620,6 +661,9 @@ def test_permissions(endpoint, caller, api_as, owner_key, other_key, admin_key):
         "admin": admin_key[1],
     }[caller]
     path = template.format(id=generation.pk, running=running.pk, key=target_key.pk)
+    token = str(Generation.objects.get(pk=running.pk).lease_token)
+    if body:
+        body = {name: value.replace("{token}", token) for name, value in body.items()}
 
     response = api_as(raw).request(method, path, body)
 
