@@ -19,7 +19,7 @@ from rest_framework.response import Response
 
 from apikeys.auth import HasApiKey, IsAdminKey
 from apikeys.models import ApiKey
-from apikeys.services import api_key_create, api_key_revoke
+from apikeys.services import api_key_create, api_key_delete_many, api_key_revoke
 from lockngen.api import (
     ADMIN_ERRORS,
     AUTH_ERRORS,
@@ -179,7 +179,7 @@ class ApiKeyViewSet(ApiViewSet):
         return Response(api_key_json(get_or_404(ApiKey.objects.all(), id)))
 
     def destroy(self, request: Request, id: str) -> Response:
-        deleted, _ = ApiKey.objects.filter(pk=parse_uuid(id)).delete()
+        deleted = api_key_delete_many(queryset=ApiKey.objects.filter(pk=parse_uuid(id)))
         if not deleted:
             raise exceptions.NotFound()
         return Response(status=HTTPStatus.NO_CONTENT)

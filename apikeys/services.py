@@ -8,7 +8,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Q
+from django.db.models import Q, QuerySet
 from django.db.models.functions import Now
 from django.utils import timezone
 
@@ -57,6 +57,17 @@ def api_key_revoke(*, api_key: ApiKey) -> ApiKey:
     api_key.refresh_from_db(fields=["revoked_at"])
     logger.info("revoked API key %s", api_key.key_prefix)
     return api_key
+
+
+def api_key_delete_many(*, queryset: QuerySet[ApiKey]) -> int:
+    """Soft-delete keys (they fail auth from their next request); the count."""
+    deleted, _ = queryset.delete()
+    return deleted
+
+
+def api_key_restore_many(*, queryset: QuerySet[ApiKey]) -> int:
+    """Bring deleted keys back; a revoked key stays revoked."""
+    return queryset.restore()
 
 
 # Every API request runs this lookup: compiled to SQL once (lockngen.prepared).
