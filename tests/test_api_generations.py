@@ -134,6 +134,72 @@ def test_idempotent_repeat_returns_the_original_with_200(owner_api):
     assert Generation.objects.count() == 1
 
 
+def test_an_idempotency_key_reused_with_another_body_is_422_and_creates_nothing(
+    owner_api,
+):
+    key = {"Idempotency-Key": "order-43"}
+    cat = owner_api.post("generations", {"prompt": "a cat"}, headers=key)
+
+    dog = owner_api.post("generations", {"prompt": "a dog"}, headers=key)
+
+    assert cat.status_code == HTTPStatus.CREATED
+    assert dog.status_code == HTTPStatus.UNPROCESSABLE_ENTITY
+    assert dog.json()["code"] == "idempotency_key_reused"
+    assert list(Generation.objects.values_list("prompt", flat=True)) == ["a cat"]
+
+
+@pytest.mark.parametrize(
+    ("first", "again"),
+    [
+        ({"prompt": "p"}, {"prompt": "p", "model": "sdxl", "width": 1024}),
+        ({"prompt": "p", "guidance": 7.5}, {"prompt": "p", "guidance": 7.50}),
+        ({"prompt": "p", "name": "fox"}, {"prompt": "p", "name": "  fox "}),
+        ({"prompt": "p", "seed": None}, {"prompt": "p"}),
+        ({"steps": 30, "prompt": "p"}, {"prompt": "p", "steps": 30}),
+    ],
+    ids=["omitted-equals-default", "same-number", "trimmed", "null", "key-order"],
+)
+def test_requests_equal_after_validation_are_the_same_idempotent_request(
+    owner_api, first, again
+):
+    key = {"Idempotency-Key": "same-job"}
+    created = owner_api.post("generations", first, headers=key)
+
+    repeat = owner_api.post("generations", again, headers=key)
+
+    assert (created.status_code, repeat.status_code) == (201, 200)
+    assert repeat.json() == created.json()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"steps": 21}, {"name": "other"}, {"seed": 0}, {"guidance": 7.51}],
+    ids=["steps", "name", "seed", "guidance"],
+)
+def test_any_field_that_differs_makes_another_request(owner_api, change):
+    key = {"Idempotency-Key": "differs"}
+    owner_api.post("generations", {"prompt": "p"}, headers=key)
+
+    response = owner_api.post("generations", {"prompt": "p", **change}, headers=key)
+
+    assert response.status_code == HTTPStatus.UNPROCESSABLE_ENTITY
+    assert Generation.objects.count() == 1
+
+
+def test_the_fingerprint_covers_every_field_of_the_create_request(owner_api):
+    from generations.api import GenerationCreateSerializer
+    from generations.models import REQUEST_FIELDS
+
+    assert set(GenerationCreateSerializer().fields) == set(REQUEST_FIELDS)
+    owner_api.post("generations", {"prompt": "p"}, headers={"Idempotency-Key": "k"})
+    owner_api.post("generations", {"prompt": "p"})
+    fingerprints = dict(
+        Generation.objects.values_list("idempotency_key", "request_fingerprint")
+    )
+    assert len(fingerprints["k"]) == 64 and int(fingerprints["k"], 16) >= 0
+    assert fingerprints[None] is None  # only kept with an Idempotency-Key
+
+
 def test_idempotency_keys_are_per_api_key(owner_api, other_api):
     key = {"Idempotency-Key": "same"}
     mine = owner_api.post("generations", {"prompt": "p"}, headers=key)

@@ -95,6 +95,39 @@ def test_concurrent_creates_with_one_idempotency_key_make_one_generation(owner_k
     }
 
 
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_creates_with_one_key_and_two_bodies_are_decided_once(owner_key):
+    threads = 16
+    start = threading.Barrier(threads)
+
+    @in_thread
+    def create(n: int):
+        api = ApiClient(Client(), owner_key[1])
+        start.wait()
+        response = api.post(
+            "generations",
+            {"prompt": "a cat" if n % 2 else "a dog"},
+            headers={"Idempotency-Key": "race-2"},
+        )
+        return n % 2, response.status_code, response.json()
+
+    with ThreadPoolExecutor(threads) as pool:
+        results = list(pool.map(create, range(threads)))
+
+    winner = Generation.objects.get()  # exactly one row
+    won = 1 if winner.prompt == "a cat" else 0
+    assert Counter((body == won, status) for body, status, _ in results) == {
+        (True, HTTPStatus.CREATED): 1,
+        (True, HTTPStatus.OK): threads // 2 - 1,
+        (False, HTTPStatus.UNPROCESSABLE_ENTITY): threads // 2,
+    }
+    for body, status, reply in results:
+        if status == HTTPStatus.UNPROCESSABLE_ENTITY:
+            assert reply["code"] == "idempotency_key_reused"
+        else:
+            assert reply["id"] == str(winner.pk)
+
+
 def expire_lease(pk) -> None:
     Generation.objects.filter(pk=pk).update(
         lease_expires_at=Now() - timedelta(seconds=1)
