@@ -7,11 +7,13 @@ its own PostgreSQL connection, as gunicorn threads do.
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from http import HTTPStatus
 
+import psycopg
 import pytest
 from django.db import connection
 from django.db.models.functions import Now
@@ -121,7 +123,7 @@ def test_concurrent_creates_with_one_key_and_two_bodies_are_decided_once(owner_k
         (True, HTTPStatus.OK): threads // 2 - 1,
         (False, HTTPStatus.UNPROCESSABLE_ENTITY): threads // 2,
     }
-    for body, status, reply in results:
+    for _, status, reply in results:
         if status == HTTPStatus.UNPROCESSABLE_ENTITY:
             assert reply["code"] == "idempotency_key_reused"
         else:
@@ -304,3 +306,62 @@ def test_fenced_heartbeat_and_complete_are_one_update_each(warm_admin, owner_key
     assert not any("FOR UPDATE" in sql for sql in statements), statements
     # the key lookup, the fenced UPDATE, and reading back what it wrote
     assert len(statements) <= 3, statements
+
+
+# --- PATCH is a locked update (SPEC §11) ------------------------------------------
+
+
+def wait_for_a_lock_wait(database_url: str, timeout: float = 10.0) -> None:
+    """Return once some session of this database waits for a row lock."""
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(database_url, autocommit=True) as probe:
+        while time.monotonic() < deadline:
+            waiting = probe.execute(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            ).fetchone()[0]
+            if waiting:
+                return
+            time.sleep(0.02)
+    pytest.fail("the PATCH never waited for the row lock")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_patch_racing_a_delete_is_404_and_writes_nothing(
+    owner_key, test_database_url
+):
+    from django.db import transaction
+
+    from generations.services import generation_delete
+
+    generation = make_generation(api_key=owner_key[0], name="before")
+    deleted, release = threading.Event(), threading.Event()
+
+    @in_thread
+    def delete() -> None:
+        # DELETE's transaction stays open (row locked) until the PATCH waits.
+        with transaction.atomic():
+            generation_delete(generation=generation)
+            deleted.set()
+            assert release.wait(15)
+
+    @in_thread
+    def patch():
+        assert deleted.wait(15)
+        api = ApiClient(Client(), owner_key[1])
+        return api.patch(f"generations/{generation.pk}", {"name": "after"})
+
+    with ThreadPoolExecutor(2) as pool:
+        deleting = pool.submit(delete)
+        patching = pool.submit(patch)
+        assert deleted.wait(15)
+        try:
+            wait_for_a_lock_wait(test_database_url)
+        finally:
+            release.set()
+        deleting.result(15)
+        response = patching.result(15)
+
+    assert response.status_code == HTTPStatus.NOT_FOUND
+    stored = Generation.all_objects.get(pk=generation.pk)
+    assert (stored.is_deleted, stored.name) == (True, "before")
