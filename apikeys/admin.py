@@ -68,6 +68,10 @@ class ApiKeyAdmin(SoftDeleteAdmin):
     soft_delete_rows = staticmethod(api_key_delete_many)
     restore_rows = staticmethod(api_key_restore_many)
 
+    def get_queryset(self, request: HttpRequest) -> QuerySet:
+        # ``is_active`` for every listed key from the list's own query.
+        return super().get_queryset(request).with_is_active()
+
     @admin.display(boolean=True, description="active")
     def active(self, obj: ApiKey) -> bool:
         return obj.is_active

@@ -167,7 +167,7 @@ class ApiKeyViewSet(ApiViewSet):
         return [IsAdminKey()]
 
     def list(self, request: Request) -> Response:
-        return paginate(self, ApiKey.objects.all(), api_key_json)
+        return paginate(self, ApiKey.objects.with_is_active(), api_key_json)
 
     def create(self, request: Request) -> Response:
         fields = validated(ApiKeyCreateSerializer, request.data)
@@ -176,7 +176,7 @@ class ApiKeyViewSet(ApiViewSet):
         return created(body, request, f"/api/v1/keys/{api_key.id}")
 
     def retrieve(self, request: Request, id: str) -> Response:
-        return Response(api_key_json(get_or_404(ApiKey.objects.all(), id)))
+        return Response(api_key_json(get_or_404(ApiKey.objects.with_is_active(), id)))
 
     def destroy(self, request: Request, id: str) -> Response:
         deleted = api_key_delete_many(queryset=ApiKey.objects.filter(pk=parse_uuid(id)))
