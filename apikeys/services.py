@@ -7,7 +7,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Q, QuerySet
 from django.db.models.functions import Now
 from django.utils import timezone
@@ -58,6 +58,16 @@ def api_key_create(
         api_key.refresh_from_db(fields=["expires_at"])
     logger.info("created API key %s (%s)", api_key.key_prefix, api_key.name)
     return api_key, raw_key
+
+
+def is_in_the_future(moment: datetime) -> bool:
+    """``moment`` is after the database's now (the clock expiry is judged by)."""
+    if connection.vendor != "postgresql":
+        # The SQLite fallback is embedded: its clock is this process's clock.
+        return moment > timezone.now()
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT %s > statement_timestamp()", [moment])
+        return bool(cursor.fetchone()[0])
 
 
 def api_key_revoke(*, api_key: ApiKey) -> ApiKey:
