@@ -2,7 +2,10 @@
 
 ``Model.objects`` is the default manager and hides deleted rows, so reverse
 relations (``api_key.generations``) hide them too; ``Model.all_objects`` shows
-everything. ``delete()`` on an instance or a queryset is one UPDATE.
+everything. ``delete()`` on an instance or a queryset is one UPDATE; the
+instance's goes through the queryset's, and a model whose soft delete must do
+more (a generation is cancelled when deleted live) extends
+``soft_delete_values``, so no caller can skip its rule.
 """
 
 from __future__ import annotations
