@@ -14,7 +14,12 @@ from django.forms import ModelForm
 from django.http import HttpRequest
 
 from apikeys.models import ApiKey
-from apikeys.services import api_key_create, api_key_revoke
+from apikeys.services import (
+    api_key_create,
+    api_key_delete_many,
+    api_key_restore_many,
+    api_key_revoke,
+)
 from lockngen.admin import SoftDeleteAdmin
 
 ADD_FIELDS = ("name", "is_admin", "rate_limit", "expires_at")
@@ -60,6 +65,12 @@ class ApiKeyAdmin(SoftDeleteAdmin):
     search_fields = ("name", "^key_prefix")
     date_hierarchy = "created_at"
     actions = ["revoke", *SoftDeleteAdmin.soft_delete_actions]
+    soft_delete_rows = staticmethod(api_key_delete_many)
+    restore_rows = staticmethod(api_key_restore_many)
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet:
+        # ``is_active`` for every listed key from the list's own query.
+        return super().get_queryset(request).with_is_active()
 
     @admin.display(boolean=True, description="active")
     def active(self, obj: ApiKey) -> bool:

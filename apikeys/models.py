@@ -1,15 +1,19 @@
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
+from typing import Any, ClassVar
 
 from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator
 from django.db import models
-from django.db.models import Q
+from django.db.models import BooleanField, ExpressionWrapper, Q
 from django.db.models.functions import Now
-from django.utils import timezone
 
-from lockngen.softdelete import SoftDeleteModel
+from lockngen.softdelete import SoftDeleteManager, SoftDeleteModel, SoftDeleteQuerySet
+
+# The annotation ``ApiKeyQuerySet.with_is_active`` adds.
+IS_ACTIVE_NOW = "is_active_now"
 
 
 class HashField(models.CharField):
@@ -19,6 +23,22 @@ class HashField(models.CharField):
         if connection.vendor == "postgresql":
             return f"char({self.max_length})"
         return super().db_type(connection)
+
+
+class ApiKeyQuerySet(SoftDeleteQuerySet):
+    def with_is_active(self) -> ApiKeyQuerySet:
+        """Each key's ``is_active`` as the database evaluates it, in the same query."""
+        return self.annotate(
+            **{
+                IS_ACTIVE_NOW: ExpressionWrapper(
+                    ApiKey.active_condition(), output_field=BooleanField()
+                )
+            }
+        )
+
+
+class ApiKeyManager(SoftDeleteManager.from_queryset(ApiKeyQuerySet)):  # type: ignore[misc]
+    pass
 
 
 class ApiKey(SoftDeleteModel):
@@ -33,12 +53,17 @@ class ApiKey(SoftDeleteModel):
         validators=[MinValueValidator(0)],
         help_text="Requests per minute; 0 = unlimited (workers).",
     )
-    created_at = models.DateTimeField(
-        default=timezone.now, db_default=Now(), editable=False
-    )
+    # The database's clock, like every timestamp the service writes (SPEC §11).
+    created_at = models.DateTimeField(db_default=Now(), editable=False)
     last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
     expires_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True, editable=False)
+
+    objects: ClassVar[ApiKeyManager] = ApiKeyManager()
+    all_objects: ClassVar[Any] = models.Manager.from_queryset(ApiKeyQuerySet)()
+    # ``revoked_at`` as last read from the database (None: never revoked, or
+    # not loaded): what the one-way revoke guard compares with, no query.
+    loaded_revoked_at = None
 
     class Meta(SoftDeleteModel.Meta):
         db_table = "api_keys"
@@ -62,32 +87,53 @@ class ApiKey(SoftDeleteModel):
         return self.key_prefix
 
     @staticmethod
-    def active_condition() -> Q:
-        """``is_active`` as a query: not revoked, not expired, not deleted."""
+    def active_condition(now: Any = None) -> Q:
+        """The one definition of an active key: not revoked, not expired, not
+        deleted — expired meaning ``expires_at`` is not after the database's
+        now (``now`` is for tests of the boundary)."""
         return Q(is_deleted=False, revoked_at__isnull=True) & (
-            Q(expires_at__isnull=True) | Q(expires_at__gt=Now())
+            Q(expires_at__isnull=True) | Q(expires_at__gt=Now() if now is None else now)
         )
 
     @property
     def is_active(self) -> bool:
-        return (
-            not self.is_deleted
-            and self.revoked_at is None
-            and (self.expires_at is None or self.expires_at > timezone.now())
+        """``active_condition()`` as the database evaluates it.
+
+        Read from the ``with_is_active()`` annotation when the row was loaded
+        with it (lists, the admin, the authenticated key: no extra query),
+        else asked of the database. Never the app server's clock, so it
+        cannot disagree with the SQL rule at the expiry boundary.
+        """
+        known = vars(self).get(IS_ACTIVE_NOW)
+        if known is not None:
+            return bool(known)
+        rows = type(self).all_objects.filter(pk=self.pk)
+        return rows.filter(self.active_condition()).exists()
+
+    @classmethod
+    def from_db(cls, db: str | None, field_names: Any, values: Any) -> ApiKey:
+        instance = super().from_db(db, field_names, values)
+        instance.loaded_revoked_at = dict(zip(field_names, values, strict=True)).get(
+            "revoked_at"
         )
+        return instance
+
+    def refresh_from_db(self, *args: Any, **kwargs: Any) -> None:
+        super().refresh_from_db(*args, **kwargs)
+        if "revoked_at" not in self.get_deferred_fields():
+            self.loaded_revoked_at = self.revoked_at
+        # Fresh columns, so an ``is_active`` read with the old ones is stale.
+        vars(self).pop(IS_ACTIVE_NOW, None)
 
     def clean(self) -> None:
-        # Revocation is one-way: a revoked key can never be brought back.
-        if not self._state.adding and self.revoked_at is None:
-            stored = (
-                type(self)
-                .all_objects.filter(pk=self.pk)
-                .values_list("revoked_at", flat=True)
-                .first()
-            )
-            if stored is not None:
-                raise ValidationError("A revoked API key cannot be un-revoked.")
+        # Revocation is one-way: a key read as revoked can never be saved
+        # un-revoked (compared with the loaded value, as
+        # djangorestframework-api-key does, so save() costs no query).
+        if self.loaded_revoked_at is not None and self.revoked_at is None:
+            raise ValidationError("A revoked API key cannot be un-revoked.")
 
     def save(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         self.clean()
         super().save(*args, **kwargs)
+        if self.revoked_at is None or isinstance(self.revoked_at, datetime):
+            self.loaded_revoked_at = self.revoked_at

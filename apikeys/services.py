@@ -7,8 +7,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
-from django.db.models import Q
+from django.db import connection, transaction
+from django.db.models import Q, QuerySet
 from django.db.models.functions import Now
 from django.utils import timezone
 
@@ -19,7 +19,7 @@ from apikeys.keys import (
     is_valid_format,
     key_prefix,
 )
-from apikeys.models import ApiKey
+from apikeys.models import IS_ACTIVE_NOW, ApiKey
 from lockngen.prepared import PreparedQuery
 
 logger = logging.getLogger(__name__)
@@ -34,8 +34,17 @@ def api_key_create(
     is_admin: bool = False,
     rate_limit: int = 100,
     expires_at: datetime | None = None,
+    expires_in: timedelta | None = None,
 ) -> tuple[ApiKey, str]:
-    """Create a key; the raw key is returned here once and never stored."""
+    """Create a key; the raw key is returned here once and never stored.
+
+    ``expires_in`` counts from the database's now (``expires_at`` is a
+    moment the caller chose).
+    """
+    if expires_in is not None:
+        if expires_at is not None:
+            raise ValueError("give expires_at or expires_in, not both")
+        expires_at = Now() + expires_in
     raw_key = generate_key()
     api_key = ApiKey.objects.create(
         name=name,
@@ -45,8 +54,20 @@ def api_key_create(
         key_hash=hash_key(raw_key),
         key_prefix=key_prefix(raw_key),
     )
+    if expires_in is not None:
+        api_key.refresh_from_db(fields=["expires_at"])
     logger.info("created API key %s (%s)", api_key.key_prefix, api_key.name)
     return api_key, raw_key
+
+
+def is_in_the_future(moment: datetime) -> bool:
+    """``moment`` is after the database's now (the clock expiry is judged by)."""
+    if connection.vendor != "postgresql":
+        # The SQLite fallback is embedded: its clock is this process's clock.
+        return moment > timezone.now()
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT %s > statement_timestamp()", [moment])
+        return bool(cursor.fetchone()[0])
 
 
 def api_key_revoke(*, api_key: ApiKey) -> ApiKey:
@@ -59,9 +80,24 @@ def api_key_revoke(*, api_key: ApiKey) -> ApiKey:
     return api_key
 
 
+def api_key_delete_many(*, queryset: QuerySet[ApiKey]) -> int:
+    """Soft-delete keys (they fail auth from their next request); the count."""
+    deleted, _ = queryset.delete()
+    return deleted
+
+
+def api_key_restore_many(*, queryset: QuerySet[ApiKey]) -> int:
+    """Bring deleted keys back; a revoked key stays revoked."""
+    return queryset.restore()
+
+
 # Every API request runs this lookup: compiled to SQL once (lockngen.prepared).
+# It finds only an active key, by ``active_condition()`` at the database's now.
 _ACTIVE_KEY_BY_HASH = PreparedQuery(
-    lambda key_hash: ApiKey.objects.filter(key_hash=key_hash), key_hash="0" * 64
+    lambda key_hash: ApiKey.objects.filter(key_hash=key_hash).filter(
+        ApiKey.active_condition()
+    ),
+    key_hash="0" * 64,
 )
 
 
@@ -75,22 +111,37 @@ def api_key_authenticate(raw_key: str) -> ApiKey | None:
     if raw_key == DEFAULT_DEV_API_KEY and settings.PRODUCTION:
         return None
     api_key = _ACTIVE_KEY_BY_HASH.first(key_hash=hash_key(raw_key))
-    if api_key is None or not api_key.is_active:
+    if api_key is None:
         return None
     _touch_last_used(api_key)
+    setattr(api_key, IS_ACTIVE_NOW, True)  # the lookup's own condition said so
     return api_key
 
 
 def _touch_last_used(api_key: ApiKey) -> None:
-    """Write ``last_used_at`` at most once a minute per key (not per request)."""
-    now = timezone.now()
-    if api_key.last_used_at and now - api_key.last_used_at < LAST_USED_RESOLUTION:
+    """Write ``last_used_at`` at most once a minute per key (not per request).
+
+    The rule is the UPDATE's condition, on the database clock, which also
+    makes concurrent requests (other processes) write once. The check before
+    it only saves the round trip on most requests: it reads the app server's
+    clock, so skew can shift *when* the write happens by that skew, never
+    what is written.
+    """
+    if (
+        api_key.last_used_at
+        and timezone.now() - api_key.last_used_at < LAST_USED_RESOLUTION
+    ):
         return
-    # The condition makes concurrent requests (other processes) write once.
-    ApiKey.objects.filter(pk=api_key.pk).filter(
-        Q(last_used_at__isnull=True) | Q(last_used_at__lt=now - LAST_USED_RESOLUTION)
-    ).update(last_used_at=now)
-    api_key.last_used_at = now
+    written = (
+        ApiKey.objects.filter(pk=api_key.pk)
+        .filter(
+            Q(last_used_at__isnull=True)
+            | Q(last_used_at__lt=Now() - LAST_USED_RESOLUTION)
+        )
+        .update(last_used_at=Now())
+    )
+    if written:
+        api_key.refresh_from_db(fields=["last_used_at"])
 
 
 def api_key_seed_dev(*, model: Any = ApiKey, raw_key: str | None = None) -> Any:

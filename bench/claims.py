@@ -7,7 +7,8 @@ key (``rate_limit=0``) — call ``POST /api/v1/generations/claim`` through
 gunicorn (``gunicorn.conf.py``, production settings) until it answers 204.
 Reported: claims/s, and the proof that every job was claimed exactly once:
 no id received twice, every job received, every row ``running`` with
-``attempts = 1``, none left queued.
+``attempts = 1`` and a lease token of its own (the one its claim answered
+with), none left queued.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ FROM generate_series(1, %(jobs)s) AS i
 
 CHECK_SQL = """
 SELECT count(*),
-       count(*) FILTER (WHERE status = 1 AND attempts = 1 AND started_at IS NOT NULL
-                        AND lease_expires_at > now()),
+       count(DISTINCT lease_token) FILTER (
+           WHERE status = 1 AND attempts = 1 AND started_at IS NOT NULL
+                 AND lease_expires_at > now()),
        count(*) FILTER (WHERE status = 0)
 FROM generations
 """
@@ -73,7 +75,8 @@ def drain(port: int, raw_keys: list[str]) -> tuple[float, list[list[str]], int]:
                 if response.status != 200:
                     errors[index] += 1
                     continue
-                received[index].append(json.loads(body)["id"])
+                job = json.loads(body)
+                received[index].append(f"{job['id']} {job['lease_token']}")
         finally:
             connection.close()
 
@@ -109,7 +112,8 @@ def run(*, smoke: bool = False) -> bool:
             for workers in WORKERS:
                 refill(jobs)
                 seconds, received, errors = drain(srv.port, raw_keys[:workers])
-                ids = [job for batch in received for job in batch]
+                claims = [job for batch in received for job in batch]
+                ids = [claim.split()[0] for claim in claims]
                 with connection.cursor() as cursor:
                     cursor.execute(CHECK_SQL)
                     total, running_once, queued = cursor.fetchone()
@@ -119,6 +123,7 @@ def run(*, smoke: bool = False) -> bool:
                         "seconds": seconds,
                         "claims": len(ids),
                         "duplicates": len(ids) - len(set(ids)),
+                        "tokens": len({claim.split()[1] for claim in claims}),
                         "running_once": running_once,
                         "queued": queued,
                         "errors": errors,
@@ -133,13 +138,14 @@ def run(*, smoke: bool = False) -> bool:
     )
     print(
         f"{'workers':>7}{'claims':>8}{'seconds':>9}{'claims/s':>10}{'dupes':>7}"
-        f"{'running, attempts=1':>21}{'queued':>8}{'errors':>8}  per worker"
+        f"{'running, own token':>21}{'queued':>8}{'errors':>8}  per worker"
     )
     met = True
     for row in rows:
         exact = (
             row["claims"] == jobs
             and row["duplicates"] == 0
+            and row["tokens"] == jobs
             and row["running_once"] == jobs == row["total"]
             and row["queued"] == 0
             and row["errors"] == 0

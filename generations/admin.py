@@ -1,7 +1,8 @@
 """Generations in the admin: list, search, filters (incl. deleted), cancel.
 
 Jobs are created through the API, so there is no add form; status changes go
-through the services (the "cancel" action), never through the form.
+through the services (the "cancel" action, and deleting, which cancels a
+queued or running job), never through the form.
 """
 
 from __future__ import annotations
@@ -14,7 +15,12 @@ from django.forms import ModelForm
 from django.http import HttpRequest
 
 from generations.models import Generation, InvalidTransition
-from generations.services import generation_cancel, generation_update
+from generations.services import (
+    generation_cancel,
+    generation_delete_many,
+    generation_restore_many,
+    generation_update,
+)
 from lockngen.admin import SoftDeleteAdmin
 
 EDITABLE_FIELDS = ("name", "prompt_id")
@@ -36,6 +42,8 @@ class GenerationAdmin(SoftDeleteAdmin):
     search_fields = ("prompt", "name")
     date_hierarchy = "created_at"
     actions = ["cancel", *SoftDeleteAdmin.soft_delete_actions]
+    soft_delete_rows = staticmethod(generation_delete_many)
+    restore_rows = staticmethod(generation_restore_many)
     fields = (
         "id",
         "name",

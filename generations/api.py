@@ -27,6 +27,8 @@ from apikeys.models import ApiKey
 from generations.models import Generation, InvalidTransition, Status
 from generations.services import (
     IdempotencyConflict,
+    IdempotencyKeyReused,
+    LeaseLost,
     generation_cancel,
     generation_claim_next,
     generation_complete,
@@ -47,6 +49,7 @@ from lockngen.api import (
     StrictFloatField,
     StrictIntegerField,
     StrictSerializer,
+    StrictUUIDField,
     created,
     documented,
     error,
@@ -99,6 +102,17 @@ def generation_json(generation: Generation) -> dict[str, Any]:
     }
 
 
+def leased_json(generation: Generation) -> dict[str, Any]:
+    """The generation as its lease holder sees it: with the fencing token.
+
+    Only the claim and the holder's heartbeat answer with this; no read does.
+    """
+    token = generation.lease_token
+    return generation_json(generation) | {
+        "lease_token": None if token is None else str(token)
+    }
+
+
 def _out(name: str, field_class: type[serializers.Field]) -> Any:
     return model_field(
         Generation, name, field_class, read_only=True, default=serializers.empty
@@ -133,6 +147,23 @@ class GenerationSerializer(serializers.Serializer):
 
     def to_representation(self, instance: Generation) -> dict[str, Any]:
         return generation_json(instance)
+
+
+class LeasedGenerationSerializer(GenerationSerializer):
+    """Documents ``leased_json``: the claim and heartbeat answers."""
+
+    lease_token = serializers.UUIDField(
+        read_only=True,
+        allow_null=True,
+        help_text=(
+            "Proof of holding the lease: send it with heartbeat, complete and "
+            "fail. A new claim of the job makes a new one; null once the job "
+            "is no longer running."
+        ),
+    )
+
+    def to_representation(self, instance: Generation) -> dict[str, Any]:
+        return leased_json(instance)
 
 
 # --- Input -------------------------------------------------------------------
@@ -180,9 +211,19 @@ class GenerationUpdateSerializer(StrictSerializer):
     prompt_id = _in("prompt_id", StrictCharField, help_text="Admin keys only.")
 
 
+LEASE_HELP = "The lease_token of the claim that handed out this job."
+
+
+class LeaseSerializer(StrictSerializer):
+    """The lease holder's proof."""
+
+    lease_token = StrictUUIDField(help_text=LEASE_HELP)
+
+
 class GenerationCompleteSerializer(StrictSerializer):
     """The worker's result."""
 
+    lease_token = StrictUUIDField(help_text=LEASE_HELP)
     output_path = _in("output_path", StrictCharField, required=True, allow_null=False)
     thumbnail_path = _in("thumbnail_path", StrictCharField)
     prompt_id = _in("prompt_id", StrictCharField)
@@ -191,6 +232,7 @@ class GenerationCompleteSerializer(StrictSerializer):
 class GenerationFailSerializer(StrictSerializer):
     """Why the job failed."""
 
+    lease_token = StrictUUIDField(help_text=LEASE_HELP)
     error_message = _in("error_message", StrictCharField)
 
 
@@ -228,6 +270,16 @@ CONFLICT = {
     )
 }
 OK = {HTTPStatus.OK: GenerationSerializer}
+LEASED = {HTTPStatus.OK: LeasedGenerationSerializer}
+LEASE_CONFLICT = {
+    HTTPStatus.CONFLICT: error(
+        "`lease_lost`: the token is not this job's current lease (it expired "
+        "and the job was claimed again, or it was never this job's); nothing "
+        "changed. `invalid_transition`: not allowed in the current status "
+        "(named in the body).",
+        ConflictSerializer,
+    )
+}
 
 
 def listable(api_key: ApiKey) -> QuerySet:
@@ -276,7 +328,9 @@ _VISIBLE_BY_ID = {
                 OpenApiParameter.HEADER,
                 description=(
                     "Up to 100 printable ASCII characters; a repeat with the "
-                    "same key returns the original generation (200)."
+                    "same key and the same request returns the original "
+                    "generation (200); with a different request it is refused "
+                    "(422 `idempotency_key_reused`) and nothing is created."
                 ),
             ),
             OpenApiParameter(
@@ -296,6 +350,10 @@ _VISIBLE_BY_ID = {
             **AUTH_ERRORS,
             HTTPStatus.CONFLICT: error(
                 "The Idempotency-Key belongs to a deleted generation."
+            ),
+            HTTPStatus.UNPROCESSABLE_ENTITY: error(
+                "`idempotency_key_reused`: the Idempotency-Key was used for a "
+                "different request; nothing was created."
             ),
             **UNSUPPORTED_MEDIA_TYPE,
         },
@@ -346,7 +404,7 @@ _VISIBLE_BY_ID = {
         "Worker: claim the next job (expired leases first, then the oldest queued)",
         request=None,
         responses={
-            **OK,
+            **LEASED,
             HTTPStatus.NO_CONTENT: OpenApiResponse(description="Nothing to do."),
             **ADMIN_ERRORS,
         },
@@ -354,8 +412,15 @@ _VISIBLE_BY_ID = {
     heartbeat=documented(
         "Worker: extend the lease (a cancelled job is returned as is: stop)",
         id_description=ID,
-        request=None,
-        responses={**OK, **BAD_REQUEST, **ADMIN_ERRORS, **NOT_FOUND, **CONFLICT},
+        request=LeaseSerializer,
+        responses={
+            **LEASED,
+            **BAD_REQUEST,
+            **ADMIN_ERRORS,
+            **NOT_FOUND,
+            **LEASE_CONFLICT,
+            **UNSUPPORTED_MEDIA_TYPE,
+        },
     ),
     complete=documented(
         "Worker: report success",
@@ -366,7 +431,7 @@ _VISIBLE_BY_ID = {
             **BAD_REQUEST,
             **ADMIN_ERRORS,
             **NOT_FOUND,
-            **CONFLICT,
+            **LEASE_CONFLICT,
             **UNSUPPORTED_MEDIA_TYPE,
         },
     ),
@@ -379,7 +444,7 @@ _VISIBLE_BY_ID = {
             **BAD_REQUEST,
             **ADMIN_ERRORS,
             **NOT_FOUND,
-            **CONFLICT,
+            **LEASE_CONFLICT,
             **UNSUPPORTED_MEDIA_TYPE,
         },
     ),
@@ -418,6 +483,14 @@ class GenerationViewSet(ApiViewSet):
             generation, is_new = generation_create(
                 api_key=request.auth, idempotency_key=key, **fields
             )
+        except IdempotencyKeyReused:
+            return Response(
+                {
+                    "detail": "This Idempotency-Key was used for a different request.",
+                    "code": "idempotency_key_reused",
+                },
+                status=HTTPStatus.UNPROCESSABLE_ENTITY,
+            )
         except IdempotencyConflict:
             return Response(
                 {
@@ -445,7 +518,10 @@ class GenerationViewSet(ApiViewSet):
         if "prompt_id" in fields and not request.auth.is_admin:
             raise exceptions.PermissionDenied("Only admin keys may set prompt_id.")
         if fields:
-            generation = generation_update(generation=generation, **fields)
+            try:
+                generation = generation_update(generation=generation, **fields)
+            except Generation.DoesNotExist:  # deleted by a concurrent request
+                raise exceptions.NotFound() from None
         return Response(generation_json(generation))
 
     def destroy(self, request: Request, id: str) -> Response:
@@ -465,41 +541,68 @@ class GenerationViewSet(ApiViewSet):
         generation = generation_claim_next()
         if generation is None:
             return Response(status=HTTPStatus.NO_CONTENT)
-        return Response(generation_json(generation))
+        return Response(leased_json(generation))
 
     @action(detail=True, methods=["post"])
     def heartbeat(self, request: Request, id: str) -> Response:
-        return self._transition(id, "heartbeat", generation_heartbeat)
+        fields = validated(LeaseSerializer, request.data)
+        return self._leased(
+            id, "heartbeat", generation_heartbeat, leased_json, **fields
+        )
 
     @action(detail=True, methods=["post"])
     def complete(self, request: Request, id: str) -> Response:
-        generation = get_or_404(self.visible(), id)
         fields = validated(GenerationCompleteSerializer, request.data)
-        return self._transition(generation, "complete", generation_complete, **fields)
+        return self._leased(
+            id, "complete", generation_complete, generation_json, **fields
+        )
 
     @action(detail=True, methods=["post"])
     def fail(self, request: Request, id: str) -> Response:
-        generation = get_or_404(self.visible(), id)
         fields = validated(GenerationFailSerializer, request.data)
-        return self._transition(generation, "fail", generation_fail, **fields)
+        return self._leased(id, "fail", generation_fail, generation_json, **fields)
 
-    def _transition(
-        self, generation: Generation | str, verb: str, service: Any, **fields: Any
+    def _leased(
+        self, id: str, verb: str, service: Any, to_json: Any, **fields: Any
     ) -> Response:
-        if not isinstance(generation, Generation):
-            generation = get_or_404(self.visible(), generation)
+        """Run a fenced worker service; a refusal becomes its 404 / 409."""
         try:
-            generation = service(generation=generation, **fields)
-        except Generation.DoesNotExist:  # deleted since it was read
+            generation = service(pk=parse_uuid(id), **fields)
+        except Generation.DoesNotExist:
             raise exceptions.NotFound() from None
-        except InvalidTransition as exc:
-            current = exc.current.label
+        except LeaseLost:
             return Response(
                 {
-                    "detail": f"Cannot {verb} a generation that is {current}.",
-                    "code": "invalid_transition",
-                    "status": current,
+                    "detail": (
+                        "This lease_token no longer holds the job: its lease "
+                        "expired and it was claimed again, or it was never "
+                        "this job's. Stop working on it."
+                    ),
+                    "code": "lease_lost",
                 },
                 status=HTTPStatus.CONFLICT,
             )
+        except InvalidTransition as exc:
+            return self._conflict(verb, exc)
+        return Response(to_json(generation))
+
+    def _conflict(self, verb: str, exc: InvalidTransition) -> Response:
+        current = exc.current.label
+        return Response(
+            {
+                "detail": f"Cannot {verb} a generation that is {current}.",
+                "code": "invalid_transition",
+                "status": current,
+            },
+            status=HTTPStatus.CONFLICT,
+        )
+
+    def _transition(self, id: str, verb: str, service: Any) -> Response:
+        generation = get_or_404(self.visible(), id)
+        try:
+            generation = service(generation=generation)
+        except Generation.DoesNotExist:  # deleted since it was read
+            raise exceptions.NotFound() from None
+        except InvalidTransition as exc:
+            return self._conflict(verb, exc)
         return Response(generation_json(generation))

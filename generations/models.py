@@ -11,6 +11,7 @@ import uuid
 from datetime import timedelta
 from typing import Any, ClassVar
 
+from django.contrib.postgres.functions import RandomUUID as PostgresRandomUUID
 from django.core.exceptions import ValidationError
 from django.core.validators import (
     MaxValueValidator,
@@ -18,10 +19,11 @@ from django.core.validators import (
     MinValueValidator,
 )
 from django.db import models
-from django.db.models import F, Q
+from django.db.models import Case, F, Q, When
 from django.db.models.functions import Mod, Now
 from django.db.models.lookups import Exact
 
+from apikeys.models import HashField
 from lockngen.softdelete import SoftDeleteManager, SoftDeleteModel, SoftDeleteQuerySet
 
 SEED_MAX = 2**63 - 1
@@ -58,6 +60,14 @@ class RealField(models.FloatField):
         return super().db_type(connection)
 
 
+class RandomUUID(PostgresRandomUUID):
+    """A fresh random uuid made by the database, one per row of an UPDATE."""
+
+    def as_sqlite(self, compiler, connection, **extra_context):  # type: ignore[no-untyped-def]
+        # Django stores a UUIDField as 32 hex digits on SQLite.
+        return "lower(hex(randomblob(16)))", []
+
+
 class Status(models.IntegerChoices):
     QUEUED = 0, "queued"
     RUNNING = 1, "running"
@@ -80,6 +90,21 @@ TRANSITIONS: dict[Status, frozenset[Status]] = {
     Status.FAILED: frozenset(),
     Status.CANCELLED: frozenset(),
 }
+
+
+# What a client sends to create a job (the create request's fields; its
+# Idempotency-Key fingerprint covers exactly these).
+REQUEST_FIELDS = (
+    "name",
+    "prompt",
+    "negative_prompt",
+    "model",
+    "width",
+    "height",
+    "steps",
+    "guidance",
+    "seed",
+)
 
 
 class InvalidTransition(Exception):
@@ -110,6 +135,22 @@ class GenerationQuerySet(SoftDeleteQuerySet):
         )
 
     transition.alters_data = True  # type: ignore[attr-defined]
+
+    def soft_delete_values(self) -> dict[str, Any]:
+        """Soft-deleting a queued or running job cancels it in the same UPDATE.
+
+        Every path that deletes (API, admin action and page, queryset,
+        instance) ends here, so none can leave a deleted job running for ever
+        (claims and gauges skip deleted rows while its worker kept rendering).
+        One statement with ``CASE`` rather than cancel-then-delete: a
+        queryset filtered on ``status`` would match nothing after the cancel.
+        """
+        live = Q(status__in=sources_of(Status.CANCELLED))
+        cancel = {
+            name: Case(When(live, then=value), default=F(name))
+            for name, value in transition_values(Status.CANCELLED).items()
+        }
+        return super().soft_delete_values() | cancel
 
 
 class GenerationManager(SoftDeleteManager.from_queryset(GenerationQuerySet)):  # type: ignore[misc]
@@ -163,6 +204,10 @@ class Generation(SoftDeleteModel):
     idempotency_key = models.CharField(
         max_length=100, null=True, blank=True, editable=False
     )
+    request_fingerprint = HashField(
+        max_length=64, null=True, blank=True, editable=False
+    )
+    lease_token = models.UUIDField(null=True, blank=True, editable=False)
     api_key = models.ForeignKey(
         "apikeys.ApiKey",
         on_delete=models.PROTECT,
@@ -283,12 +328,16 @@ def transition_values(target: Status, *, lease_seconds: int = 0) -> dict[str, An
             "started_at": now,
             "lease_expires_at": lease_expiry(lease_seconds),
             "attempts": F("attempts") + 1,
+            # The fencing token (SPEC §5): a stalled holder's token stops
+            # matching the moment the job is claimed again.
+            "lease_token": RandomUUID(),
         }
     elif target == Status.QUEUED:
-        values["lease_expires_at"] = None
+        values |= {"lease_expires_at": None, "lease_token": None}
     else:
         values |= {
             "lease_expires_at": None,
+            "lease_token": None,
             "completed_at": now,
             "duration_ms": DurationMs("started_at"),
         }

@@ -6,15 +6,26 @@ Views, admin and commands call these; the status machine itself lives in
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import uuid
 from typing import Any
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
+from django.db.models import QuerySet
 from django.db.models.functions import Now
 
 from apikeys.models import ApiKey
-from generations.models import Generation, InvalidTransition, Status, lease_expiry
+from generations.models import (
+    REQUEST_FIELDS,
+    Generation,
+    InvalidTransition,
+    Status,
+    lease_expiry,
+    transition_values,
+)
 from lockngen.prepared import PreparedInsert
 
 logger = logging.getLogger(__name__)
@@ -31,6 +42,23 @@ class IdempotencyConflict(Exception):
     """The key was used for a generation that has since been deleted."""
 
 
+class IdempotencyKeyReused(Exception):
+    """The key was used for a request with a different body."""
+
+
+def request_fingerprint(generation: Generation) -> str:
+    """SHA-256 of the create request as the service understood it (SPEC §11).
+
+    Taken from the unsaved row, i.e. after validation and model defaults: a
+    field left out and the same field sent with its default value make the
+    same job, so they have the same fingerprint; so do ``7.5`` and ``7.50``,
+    or a name with and without surrounding whitespace (the API trims it).
+    """
+    canonical = {name: getattr(generation, name) for name in REQUEST_FIELDS}
+    text = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def generation_create(
     *,
     api_key: ApiKey | None,
@@ -39,14 +67,16 @@ def generation_create(
 ) -> tuple[Generation, bool]:
     """Queue a new generation; returns ``(generation, created)``.
 
-    With an ``idempotency_key`` a repeat from the same API key returns the
-    original. The partial unique index decides races: the loser's INSERT
-    fails inside a savepoint and it reads the winner's row.
+    With an ``idempotency_key`` a repeat from the same API key with the same
+    request returns the original; with another request it raises
+    IdempotencyKeyReused. The partial unique index decides races: the
+    loser's INSERT fails inside a savepoint and it reads the winner's row.
     """
     generation = Generation(api_key=api_key, idempotency_key=idempotency_key, **fields)
     if idempotency_key is None:
         _INSERT.insert(generation)
         return generation, True
+    generation.request_fingerprint = request_fingerprint(generation)
     try:
         with transaction.atomic():
             _INSERT.insert(generation)
@@ -59,6 +89,11 @@ def generation_create(
         ).first()
         if original is None:
             raise
+    # Rows made before fingerprints existed (NULL) cannot be compared: their
+    # repeats are answered as before.
+    stored = original.request_fingerprint
+    if stored is not None and stored != generation.request_fingerprint:
+        raise IdempotencyKeyReused(idempotency_key)
     if original.is_deleted:
         raise IdempotencyConflict(idempotency_key)
     return original, False
@@ -87,65 +122,126 @@ def generation_cancel(*, generation: Generation) -> Generation:
     return _save_transition(_locked(generation), Status.CANCELLED)
 
 
-@transaction.atomic
 def generation_delete(*, generation: Generation) -> None:
     """Soft-delete a generation; a queued or running one is cancelled first.
 
-    Otherwise a deleted running job would stay ``running`` for ever (claims and
-    gauges skip deleted rows) while its worker kept rendering it.
+    The cancel is the model's own soft-delete rule
+    (``GenerationQuerySet.soft_delete_values``), so the admin, querysets and
+    instances get it too. Raises ``Generation.DoesNotExist`` when the row was
+    deleted meanwhile.
     """
-    generation = _locked(generation)
-    if not generation.is_terminal:
-        generation = _save_transition(generation, Status.CANCELLED)
-    generation.delete()
+    deleted, _ = Generation.objects.filter(pk=generation.pk).delete()
+    if not deleted:
+        raise Generation.DoesNotExist(generation.pk)
 
 
-@transaction.atomic
+def generation_delete_many(*, queryset: QuerySet[Generation]) -> int:
+    """Soft-delete every row of ``queryset`` (live ones cancelled); the count."""
+    deleted, _ = queryset.delete()
+    return deleted
+
+
+def generation_restore_many(*, queryset: QuerySet[Generation]) -> int:
+    """Bring deleted rows back; a job deleted while live stays cancelled."""
+    return queryset.restore()
+
+
+class LeaseLost(Exception):
+    """The lease token is not the job's current one (SPEC §5, "Fencing").
+
+    The lease expired and the job went back to the queue or to another
+    worker, or the token was never this job's.
+    """
+
+
+def _fenced(
+    pk: uuid.UUID, lease_token: uuid.UUID, values: dict[str, Any]
+) -> Generation | None:
+    """Apply ``values`` only if ``lease_token`` holds the running job.
+
+    The token is checked in the WHERE of the one UPDATE that changes the row,
+    so no check-then-act can race with a re-claim. Inside the transaction the
+    UPDATE's row lock keeps the read-back equal to what was written.
+    """
+    with transaction.atomic():
+        changed = Generation.objects.filter(
+            pk=pk, lease_token=lease_token, status=Status.RUNNING
+        ).update(**values)
+        return Generation.objects.get(pk=pk) if changed else None
+
+
+def _why_refused(pk: uuid.UUID, target: Status) -> Exception:
+    """Why a fenced UPDATE matched nothing (read after it, only on refusal)."""
+    status = Generation.objects.filter(pk=pk).values_list("status", flat=True).first()
+    if status is None:
+        return Generation.DoesNotExist(pk)
+    if status in (Status.RUNNING, Status.QUEUED):
+        return LeaseLost(pk)
+    return InvalidTransition(Status(status), target)
+
+
+def _finish(
+    pk: uuid.UUID, lease_token: uuid.UUID, target: Status, extra: dict[str, Any]
+) -> Generation:
+    generation = _fenced(pk, lease_token, transition_values(target) | extra)
+    if generation is None:
+        raise _why_refused(pk, target)
+    return generation
+
+
 def generation_complete(
     *,
-    generation: Generation,
+    pk: uuid.UUID,
+    lease_token: uuid.UUID,
     output_path: str,
     thumbnail_path: str | None = None,
     prompt_id: str | None = None,
 ) -> Generation:
+    """The lease holder's result; raises LeaseLost, InvalidTransition, DoesNotExist."""
     extra: dict[str, Any] = {"output_path": output_path}
     if thumbnail_path is not None:
         extra["thumbnail_path"] = thumbnail_path
     if prompt_id is not None:
         extra["prompt_id"] = prompt_id
-    return _save_transition(_locked(generation), Status.COMPLETED, extra=extra)
+    return _finish(pk, lease_token, Status.COMPLETED, extra)
 
 
-@transaction.atomic
 def generation_fail(
-    *, generation: Generation, error_message: str | None = None
+    *, pk: uuid.UUID, lease_token: uuid.UUID, error_message: str | None = None
 ) -> Generation:
-    return _save_transition(
-        _locked(generation), Status.FAILED, extra={"error_message": error_message}
+    """The lease holder gives up; raises LeaseLost, InvalidTransition, DoesNotExist."""
+    return _finish(pk, lease_token, Status.FAILED, {"error_message": error_message})
+
+
+def generation_heartbeat(*, pk: uuid.UUID, lease_token: uuid.UUID) -> Generation:
+    """Extend the holder's lease.
+
+    A job cancelled meanwhile is returned unchanged so its worker learns to
+    stop (cancelling cleared the token, so any token gets that answer: it
+    reveals nothing and extends nothing). Raises LeaseLost for a token that
+    is not the running job's, InvalidTransition for a finished job.
+    """
+    generation = _fenced(
+        pk,
+        lease_token,
+        {"lease_expires_at": lease_expiry(settings.LEASE_SECONDS), "updated_at": Now()},
     )
+    if generation is not None:
+        return generation
+    refusal = _why_refused(pk, Status.RUNNING)
+    if isinstance(refusal, InvalidTransition) and refusal.current == Status.CANCELLED:
+        return Generation.objects.get(pk=pk)
+    raise refusal
 
 
 @transaction.atomic
-def generation_heartbeat(*, generation: Generation) -> Generation:
-    """Extend a running job's lease.
+def generation_update(*, generation: Generation, **fields: Any) -> Generation:
+    """Rename, or (admin) record the render backend's ``prompt_id``.
 
-    A cancelled job is returned unchanged so its worker learns to stop; any
-    other non-running state raises InvalidTransition.
+    The row is re-read under a lock: one deleted meanwhile raises
+    ``Generation.DoesNotExist`` instead of being written to.
     """
     generation = _locked(generation)
-    if generation.status == Status.CANCELLED:
-        return generation
-    if generation.status != Status.RUNNING:
-        raise InvalidTransition(Status(generation.status), Status.RUNNING)
-    generation.lease_expires_at = lease_expiry(settings.LEASE_SECONDS)
-    generation.updated_at = Now()
-    generation.save(update_fields=["lease_expires_at", "updated_at"])
-    generation.refresh_from_db(fields=["lease_expires_at", "updated_at"])
-    return generation
-
-
-def generation_update(*, generation: Generation, **fields: Any) -> Generation:
-    """Rename, or (admin) record the render backend's ``prompt_id``."""
     for field, value in fields.items():
         setattr(generation, field, value)
     generation.updated_at = Now()

@@ -4,11 +4,16 @@ The changelist shows every row (``all_objects``) with an "is deleted" filter;
 "delete" in the admin is the model's soft delete (so PROTECT does not block
 it); restore; and a confirmed hard delete for superusers only, which skips
 rows other rows still reference.
+
+Soft delete and restore — the actions and the delete page alike — go through
+the app's services (``soft_delete_rows`` / ``restore_rows``, which each app's
+admin names), never straight to the model (SPEC §11).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
@@ -23,6 +28,9 @@ HARD_DELETE_PREVIEW = 100
 class SoftDeleteAdmin(admin.ModelAdmin):
     soft_delete_actions = ["soft_delete", "restore", "hard_delete"]
     show_full_result_count = False  # one COUNT per page is enough on big tables
+    # The app's services: ``queryset`` → rows changed.
+    soft_delete_rows: ClassVar[Callable[..., int]]
+    restore_rows: ClassVar[Callable[..., int]]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet:
         queryset = self.model.all_objects.get_queryset()
@@ -42,6 +50,13 @@ class SoftDeleteAdmin(admin.ModelAdmin):
         objs = list(objs)
         return objs, {self.opts.verbose_name_plural: len(objs)}, set(), []
 
+    def delete_model(self, request: HttpRequest, obj: Any) -> None:
+        """The delete page: the same service as the soft-delete action."""
+        self.soft_delete_rows(queryset=self.model.all_objects.filter(pk=obj.pk))
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet) -> None:
+        self.soft_delete_rows(queryset=queryset)
+
     def has_hard_delete_permission(self, request: HttpRequest) -> bool:
         return request.user.is_superuser
 
@@ -50,14 +65,14 @@ class SoftDeleteAdmin(admin.ModelAdmin):
         description="Soft delete selected %(verbose_name_plural)s",
     )
     def soft_delete(self, request: HttpRequest, queryset: QuerySet) -> None:
-        count, _ = queryset.delete()
+        count = self.soft_delete_rows(queryset=queryset)
         self.message_user(request, f"Soft-deleted {count} {self._plural(count)}.")
 
     @admin.action(
         permissions=["change"], description="Restore selected %(verbose_name_plural)s"
     )
     def restore(self, request: HttpRequest, queryset: QuerySet) -> None:
-        count = queryset.restore()
+        count = self.restore_rows(queryset=queryset)
         self.message_user(request, f"Restored {count} {self._plural(count)}.")
 
     @admin.action(

@@ -2,7 +2,10 @@
 
 ``Model.objects`` is the default manager and hides deleted rows, so reverse
 relations (``api_key.generations``) hide them too; ``Model.all_objects`` shows
-everything. ``delete()`` on an instance or a queryset is one UPDATE.
+everything. ``delete()`` on an instance or a queryset is one UPDATE; the
+instance's goes through the queryset's, and a model whose soft delete must do
+more (a generation is cancelled when deleted live) extends
+``soft_delete_values``, so no caller can skip its rule.
 """
 
 from __future__ import annotations
@@ -20,9 +23,13 @@ class SoftDeleteQuerySet(models.QuerySet):
     def dead(self) -> SoftDeleteQuerySet:
         return self.filter(is_deleted=True)
 
+    def soft_delete_values(self) -> dict[str, Any]:
+        """What soft-deleting a row writes; a model with more rules extends it."""
+        return {"is_deleted": True, "deleted_at": Now()}
+
     def delete(self) -> tuple[int, dict[str, int]]:  # type: ignore[override]
         """Soft-delete every row in one UPDATE; returns Django's delete shape."""
-        count = self.filter(is_deleted=False).update(is_deleted=True, deleted_at=Now())
+        count = self.filter(is_deleted=False).update(**self.soft_delete_values())
         return count, {self.model._meta.label: count}
 
     delete.alters_data = True  # type: ignore[attr-defined]
@@ -63,13 +70,11 @@ class SoftDeleteModel(models.Model):
     def delete(  # type: ignore[override]
         self, using: str | None = None, keep_parents: bool = False
     ) -> tuple[int, dict[str, int]]:
-        count = (
-            type(self)
-            .all_objects.filter(pk=self.pk, is_deleted=False)
-            .update(is_deleted=True, deleted_at=Now())
-        )
-        self.refresh_from_db(fields=["is_deleted", "deleted_at"])
-        return count, {self._meta.label: count}
+        # Through the queryset, so the model's own delete rules apply here too.
+        rows = type(self).all_objects.filter(pk=self.pk)
+        count, detail = rows.delete()
+        self.refresh_from_db(fields=list(rows.soft_delete_values()))
+        return count, detail
 
     delete.alters_data = True  # type: ignore[attr-defined]
 

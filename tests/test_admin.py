@@ -5,13 +5,16 @@ from __future__ import annotations
 from http import HTTPStatus
 
 import pytest
+from django.conf import settings
 from django.contrib.auth.models import Permission
 from django.contrib.messages import get_messages
+from django.test import Client
 from django.urls import reverse
 from django.utils import timezone
 
 from apikeys.keys import hash_key
 from apikeys.models import ApiKey
+from generations.admin import GenerationAdmin
 from generations.models import Generation, Status
 from generations.services import generation_claim_next
 from tests.factories import make_api_key, make_generation
@@ -384,3 +387,85 @@ def test_generations_are_not_added_in_the_admin(admin_client):
     response = admin_client.get(reverse("admin:generations_generation_add"))
 
     assert response.status_code == HTTPStatus.FORBIDDEN
+
+
+# --- deleting a live job stops it, through every admin path (SPEC §11) ------------
+
+
+@pytest.fixture
+def csrf_admin(admin_user):
+    """An admin session that must send the CSRF token, as a browser does."""
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(admin_user)
+    return client
+
+
+def csrf_post(client, page: str, url: str, data: dict):
+    """GET ``page`` (which sets the CSRF cookie), then POST its token to ``url``."""
+    assert client.get(page).status_code == HTTPStatus.OK
+    token = client.cookies[settings.CSRF_COOKIE_NAME].value
+    return client.post(url, {**data, "csrfmiddlewaretoken": token}, follow=True)
+
+
+def running_job() -> Generation:
+    generation = make_generation()
+    claimed = generation_claim_next()
+    assert (claimed.pk, claimed.status) == (generation.pk, Status.RUNNING)
+    return claimed
+
+
+def assert_cancelled_and_deleted(generation: Generation) -> None:
+    stored = Generation.all_objects.get(pk=generation.pk)
+    assert (stored.is_deleted, stored.status) == (True, Status.CANCELLED)
+    assert (stored.lease_expires_at, stored.lease_token) == (None, None)
+    assert stored.completed_at == stored.deleted_at  # one statement, the DB clock
+    assert stored.duration_ms is not None
+
+
+def test_the_soft_delete_action_cancels_a_running_job(csrf_admin):
+    job = running_job()
+    # The list filtered on "running", as an operator would find the job.
+    page = f"{GENERATIONS}?status__exact={Status.RUNNING}"
+
+    response = csrf_post(
+        csrf_admin,
+        page,
+        page,
+        {"action": "soft_delete", "_selected_action": [job.pk]},
+    )
+
+    assert response.status_code == HTTPStatus.OK
+    assert "Soft-deleted 1 generation." in texts(response)
+    assert_cancelled_and_deleted(job)
+
+
+def test_the_admin_delete_page_cancels_a_running_job(csrf_admin):
+    job = running_job()
+    url = reverse("admin:generations_generation_delete", args=[job.pk])
+
+    response = csrf_post(csrf_admin, url, url, {"post": "yes"})
+
+    assert response.status_code == HTTPStatus.OK
+    assert_cancelled_and_deleted(job)
+
+
+def test_the_admin_delete_page_refuses_a_post_without_the_csrf_token(csrf_admin):
+    job = running_job()
+    url = reverse("admin:generations_generation_delete", args=[job.pk])
+
+    response = csrf_admin.post(url, {"post": "yes"})
+
+    assert response.status_code == HTTPStatus.FORBIDDEN
+    stored = Generation.all_objects.get(pk=job.pk)
+    assert (stored.is_deleted, stored.status) == (False, Status.RUNNING)
+
+
+def test_the_admins_delete_and_restore_through_the_services():
+    from apikeys.admin import ApiKeyAdmin
+    from apikeys.services import api_key_delete_many, api_key_restore_many
+    from generations.services import generation_delete_many, generation_restore_many
+
+    assert GenerationAdmin.soft_delete_rows is generation_delete_many
+    assert GenerationAdmin.restore_rows is generation_restore_many
+    assert ApiKeyAdmin.soft_delete_rows is api_key_delete_many
+    assert ApiKeyAdmin.restore_rows is api_key_restore_many

@@ -134,6 +134,72 @@ def test_idempotent_repeat_returns_the_original_with_200(owner_api):
     assert Generation.objects.count() == 1
 
 
+def test_an_idempotency_key_reused_with_another_body_is_422_and_creates_nothing(
+    owner_api,
+):
+    key = {"Idempotency-Key": "order-43"}
+    cat = owner_api.post("generations", {"prompt": "a cat"}, headers=key)
+
+    dog = owner_api.post("generations", {"prompt": "a dog"}, headers=key)
+
+    assert cat.status_code == HTTPStatus.CREATED
+    assert dog.status_code == HTTPStatus.UNPROCESSABLE_ENTITY
+    assert dog.json()["code"] == "idempotency_key_reused"
+    assert list(Generation.objects.values_list("prompt", flat=True)) == ["a cat"]
+
+
+@pytest.mark.parametrize(
+    ("first", "again"),
+    [
+        ({"prompt": "p"}, {"prompt": "p", "model": "sdxl", "width": 1024}),
+        ({"prompt": "p", "guidance": 7.5}, {"prompt": "p", "guidance": 7.50}),
+        ({"prompt": "p", "name": "fox"}, {"prompt": "p", "name": "  fox "}),
+        ({"prompt": "p", "seed": None}, {"prompt": "p"}),
+        ({"steps": 30, "prompt": "p"}, {"prompt": "p", "steps": 30}),
+    ],
+    ids=["omitted-equals-default", "same-number", "trimmed", "null", "key-order"],
+)
+def test_requests_equal_after_validation_are_the_same_idempotent_request(
+    owner_api, first, again
+):
+    key = {"Idempotency-Key": "same-job"}
+    created = owner_api.post("generations", first, headers=key)
+
+    repeat = owner_api.post("generations", again, headers=key)
+
+    assert (created.status_code, repeat.status_code) == (201, 200)
+    assert repeat.json() == created.json()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"steps": 21}, {"name": "other"}, {"seed": 0}, {"guidance": 7.51}],
+    ids=["steps", "name", "seed", "guidance"],
+)
+def test_any_field_that_differs_makes_another_request(owner_api, change):
+    key = {"Idempotency-Key": "differs"}
+    owner_api.post("generations", {"prompt": "p"}, headers=key)
+
+    response = owner_api.post("generations", {"prompt": "p", **change}, headers=key)
+
+    assert response.status_code == HTTPStatus.UNPROCESSABLE_ENTITY
+    assert Generation.objects.count() == 1
+
+
+def test_the_fingerprint_covers_every_field_of_the_create_request(owner_api):
+    from generations.api import GenerationCreateSerializer
+    from generations.models import REQUEST_FIELDS
+
+    assert set(GenerationCreateSerializer().fields) == set(REQUEST_FIELDS)
+    owner_api.post("generations", {"prompt": "p"}, headers={"Idempotency-Key": "k"})
+    owner_api.post("generations", {"prompt": "p"})
+    fingerprints = dict(
+        Generation.objects.values_list("idempotency_key", "request_fingerprint")
+    )
+    assert len(fingerprints["k"]) == 64 and int(fingerprints["k"], 16) >= 0
+    assert fingerprints[None] is None  # only kept with an Idempotency-Key
+
+
 def test_idempotency_keys_are_per_api_key(owner_api, other_api):
     key = {"Idempotency-Key": "same"}
     mine = owner_api.post("generations", {"prompt": "p"}, headers=key)
@@ -394,14 +460,15 @@ def test_deleting_a_running_job_cancels_it_so_its_worker_stops(
     owner_api, owner_key, admin_api
 ):
     generation = make_generation(api_key=owner_key[0])
-    assert admin_api.post("generations/claim").json()["id"] == str(generation.pk)
+    claimed = admin_api.post("generations/claim").json()
+    assert claimed["id"] == str(generation.pk)
 
     assert owner_api.delete(f"generations/{generation.pk}").status_code == 204
 
     stored = Generation.all_objects.get(pk=generation.pk)
     assert (stored.is_deleted, stored.status) == (True, Status.CANCELLED)
-    assert stored.lease_expires_at is None
-    heartbeat = admin_api.post(f"generations/{generation.pk}/heartbeat")
+    assert (stored.lease_expires_at, stored.lease_token) == (None, None)
+    heartbeat = admin_api.post(f"generations/{generation.pk}/heartbeat", lease(claimed))
     assert heartbeat.status_code == HTTPStatus.NOT_FOUND
 
 
@@ -447,6 +514,11 @@ def test_cancelling_a_terminal_generation_is_a_conflict_naming_the_status(
 # --- Workers: claim, heartbeat, complete, fail -----------------------------------
 
 
+def lease(claimed: dict, **body) -> dict:
+    """A worker request body: the claim's fencing token, plus ``body``."""
+    return {"lease_token": claimed["lease_token"], **body}
+
+
 def test_claim_hands_out_the_oldest_queued_job(admin_api, owner_key):
     oldest = make_generation(api_key=owner_key[0], prompt="first")
     make_generation(api_key=owner_key[0], prompt="second")
@@ -460,6 +532,11 @@ def test_claim_hands_out_the_oldest_queued_job(admin_api, owner_key):
     assert body["attempts"] == 1
     assert body["started_at"] is not None
     assert body["lease_expires_at"] > body["started_at"]
+    assert set(body) == GENERATION_FIELDS | {"lease_token"}
+    assert str(uuid.UUID(body["lease_token"])) == body["lease_token"]
+    assert Generation.objects.get(pk=oldest.pk).lease_token == uuid.UUID(
+        body["lease_token"]
+    )
 
 
 def test_claim_with_nothing_queued_is_204(admin_api):
@@ -473,12 +550,13 @@ def test_heartbeat_extends_the_lease(admin_api, owner_key):
     claimed = admin_api.post("generations/claim").json()
     Generation.objects.filter(pk=claimed["id"]).update(lease_expires_at=Now())
 
-    response = admin_api.post(f"generations/{claimed['id']}/heartbeat")
+    response = admin_api.post(f"generations/{claimed['id']}/heartbeat", lease(claimed))
 
     assert response.status_code == HTTPStatus.OK
     assert response.json()["status"] == "running"
-    lease = Generation.objects.get(pk=claimed["id"]).lease_expires_at
-    assert lease > Generation.objects.get(pk=claimed["id"]).started_at + timedelta(
+    assert response.json()["lease_token"] == claimed["lease_token"]
+    expires = Generation.objects.get(pk=claimed["id"]).lease_expires_at
+    assert expires > Generation.objects.get(pk=claimed["id"]).started_at + timedelta(
         seconds=1
     )
 
@@ -490,17 +568,25 @@ def test_heartbeat_tells_the_worker_its_job_was_cancelled(
     claimed = admin_api.post("generations/claim").json()
     owner_api.post(f"generations/{claimed['id']}/cancel")
 
-    response = admin_api.post(f"generations/{claimed['id']}/heartbeat")
+    response = admin_api.post(f"generations/{claimed['id']}/heartbeat", lease(claimed))
 
     assert response.status_code == HTTPStatus.OK
     assert response.json()["status"] == "cancelled"
+    assert response.json()["lease_token"] is None
 
 
-def test_heartbeat_of_a_queued_job_is_a_conflict(admin_api, owner_key):
+@pytest.mark.parametrize("verb", ["heartbeat", "complete", "fail"])
+def test_a_token_for_a_job_never_claimed_is_lease_lost(admin_api, owner_key, verb):
     generation = make_generation(api_key=owner_key[0])
-    response = admin_api.post(f"generations/{generation.pk}/heartbeat")
+    response = admin_api.post(
+        f"generations/{generation.pk}/{verb}",
+        {"lease_token": str(uuid.uuid4()), "output_path": "o"}
+        if verb == "complete"
+        else {"lease_token": str(uuid.uuid4())},
+    )
     assert response.status_code == HTTPStatus.CONFLICT
-    assert response.json()["status"] == "queued"
+    assert response.json()["code"] == "lease_lost"
+    assert Generation.objects.get(pk=generation.pk).status == Status.QUEUED
 
 
 def test_complete_records_the_outputs_and_the_duration(admin_api, owner_key):
@@ -509,7 +595,12 @@ def test_complete_records_the_outputs_and_the_duration(admin_api, owner_key):
 
     response = admin_api.post(
         f"generations/{claimed['id']}/complete",
-        {"output_path": "out/1.png", "thumbnail_path": "t/1.png", "prompt_id": "c-9"},
+        lease(
+            claimed,
+            output_path="out/1.png",
+            thumbnail_path="t/1.png",
+            prompt_id="c-9",
+        ),
     )
 
     assert response.status_code == HTTPStatus.OK
@@ -523,13 +614,15 @@ def test_complete_records_the_outputs_and_the_duration(admin_api, owner_key):
     assert body["completed_at"] is not None
     assert body["duration_ms"] >= 0
     assert body["lease_expires_at"] is None
+    assert "lease_token" not in body
+    assert Generation.objects.get(pk=claimed["id"]).lease_token is None
 
 
 def test_complete_needs_an_output_path(admin_api, owner_key):
     make_generation(api_key=owner_key[0])
     claimed = admin_api.post("generations/claim").json()
 
-    response = admin_api.post(f"generations/{claimed['id']}/complete", {})
+    response = admin_api.post(f"generations/{claimed['id']}/complete", lease(claimed))
 
     assert response.status_code == HTTPStatus.BAD_REQUEST
     assert "output_path" in response.json()
@@ -537,15 +630,23 @@ def test_complete_needs_an_output_path(admin_api, owner_key):
 
 
 @pytest.mark.parametrize("verb", ["complete", "fail"])
-def test_finishing_a_job_that_is_not_running_is_a_conflict(admin_api, owner_key, verb):
-    generation = make_generation(api_key=owner_key[0])
+def test_finishing_a_job_cancelled_meanwhile_is_an_invalid_transition(
+    admin_api, owner_api, owner_key, verb
+):
+    make_generation(api_key=owner_key[0])
+    claimed = admin_api.post("generations/claim").json()
+    owner_api.post(f"generations/{claimed['id']}/cancel")
+    before = Generation.objects.values().get(pk=claimed["id"])
+
     response = admin_api.post(
-        f"generations/{generation.pk}/{verb}",
-        {"output_path": "x"} if verb == "complete" else {},
+        f"generations/{claimed['id']}/{verb}",
+        lease(claimed, output_path="x") if verb == "complete" else lease(claimed),
     )
+
     assert response.status_code == HTTPStatus.CONFLICT
-    assert response.json()["status"] == "queued"
-    assert Generation.objects.get(pk=generation.pk).status == Status.QUEUED
+    assert response.json()["code"] == "invalid_transition"
+    assert response.json()["status"] == "cancelled"
+    assert Generation.objects.values().get(pk=claimed["id"]) == before
 
 
 def test_fail_records_the_error(admin_api, owner_key):
@@ -553,7 +654,8 @@ def test_fail_records_the_error(admin_api, owner_key):
     claimed = admin_api.post("generations/claim").json()
 
     response = admin_api.post(
-        f"generations/{claimed['id']}/fail", {"error_message": "CUDA out of memory"}
+        f"generations/{claimed['id']}/fail",
+        lease(claimed, error_message="CUDA out of memory"),
     )
 
     assert response.status_code == HTTPStatus.OK
@@ -582,16 +684,21 @@ ENDPOINTS = {
     "heartbeat": (
         "POST",
         "generations/{running}/heartbeat",
-        None,
+        {"lease_token": "{token}"},
         (401, 403, 403, 200),
     ),
     "complete": (
         "POST",
         "generations/{running}/complete",
-        {"output_path": "o.png"},
+        {"lease_token": "{token}", "output_path": "o.png"},
         (401, 403, 403, 200),
     ),
-    "fail": ("POST", "generations/{running}/fail", {}, (401, 403, 403, 200)),
+    "fail": (
+        "POST",
+        "generations/{running}/fail",
+        {"lease_token": "{token}"},
+        (401, 403, 403, 200),
+    ),
     "keys-list": ("GET", "keys", None, (401, 403, 403, 200)),
     "keys-create": ("POST", "keys", {"name": "k"}, (401, 403, 403, 201)),
     "keys-retrieve": ("GET", "keys/{key}", None, (401, 403, 403, 200)),
@@ -620,6 +727,9 @@ def test_permissions(endpoint, caller, api_as, owner_key, other_key, admin_key):
         "admin": admin_key[1],
     }[caller]
     path = template.format(id=generation.pk, running=running.pk, key=target_key.pk)
+    token = str(Generation.objects.get(pk=running.pk).lease_token)
+    if body:
+        body = {name: value.replace("{token}", token) for name, value in body.items()}
 
     response = api_as(raw).request(method, path, body)
 

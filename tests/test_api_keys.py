@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import timedelta
 from http import HTTPStatus
 
+import time_machine
+from django.db import connection
 from django.utils import timezone
 
 from apikeys.keys import hash_key
@@ -127,3 +129,20 @@ def test_me_is_the_calling_key(owner_api, owner_key):
 
 def test_unknown_key_id_is_404(admin_api):
     assert admin_api.get("keys/00000000-0000-0000-0000-000000000000").status_code == 404
+
+
+def test_expires_at_must_be_in_the_future_of_the_database_clock(admin_api):
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT statement_timestamp()")
+        database_now = cursor.fetchone()[0]
+    past = database_now - timedelta(minutes=30)
+
+    # The app server's clock an hour behind: by it, ``past`` is still ahead.
+    with time_machine.travel(database_now - timedelta(hours=1), tick=True):
+        response = admin_api.post(
+            "keys", {"name": "late", "expires_at": past.isoformat()}
+        )
+
+    assert response.status_code == HTTPStatus.BAD_REQUEST
+    assert response.json() == {"expires_at": ["Must be in the future."]}
+    assert not ApiKey.objects.filter(name="late").exists()

@@ -269,6 +269,30 @@ CASES = [
         {},
         "error_message",
     ),
+    (
+        "heartbeat-no-token",
+        "POST",
+        "generations/{running}/heartbeat",
+        "{}",
+        {},
+        "lease_token",
+    ),
+    (
+        "complete-token-not-a-uuid",
+        "POST",
+        "generations/{running}/complete",
+        json.dumps({"lease_token": "lease-1", "output_path": "o.png"}),
+        {},
+        "lease_token",
+    ),
+    (
+        "fail-token-a-number",
+        "POST",
+        "generations/{running}/fail",
+        json.dumps({"lease_token": 7}),
+        {},
+        "lease_token",
+    ),
     # keys
     ("key-name-missing", "POST", "keys", "{}", {}, "name"),
     ("key-name-blank", "POST", "keys", json.dumps({"name": ""}), {}, "name"),
@@ -334,6 +358,10 @@ def test_bad_input_is_400_and_writes_nothing(
     Generation.objects.filter(pk=running.pk).transition(
         Status.RUNNING, lease_seconds=60
     )
+    if "{running}" in path and field != "lease_token":
+        # The holder's real token: the named field is the only thing wrong.
+        token = Generation.objects.get(pk=running.pk).lease_token
+        body = json.dumps({**json.loads(body), "lease_token": str(token)})
     snapshot = list(Generation.all_objects.order_by("id").values())
     before = row_counts()
 

@@ -364,7 +364,18 @@ def test_job_of_a_worker_that_died_is_claimed_again_after_its_lease(
     assert (second["id"], second["status"], second["attempts"]) == (job, "running", 2)
     assert second["started_at"] > first["started_at"]
 
-    done = api.call("POST", f"generations/{job}/complete", {"output_path": "o.png"})
+    # Had the first worker only stalled, its token would now be refused.
+    stale = api.call(
+        "POST",
+        f"generations/{job}/complete",
+        {"lease_token": first["lease_token"], "output_path": "stale.png"},
+    )
+    assert (stale.status, stale.json()["code"]) == (HTTPStatus.CONFLICT, "lease_lost")
+    done = api.call(
+        "POST",
+        f"generations/{job}/complete",
+        {"lease_token": second["lease_token"], "output_path": "o.png"},
+    )
     assert done.status == HTTPStatus.OK, done.body
     assert (done.json()["status"], done.json()["attempts"]) == ("completed", 2)
     time.sleep(1.2)  # past the old lease: nothing left to claim

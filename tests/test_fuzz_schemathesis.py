@@ -56,13 +56,16 @@ def fuzzed_api(tmp_path_factory) -> LiveApi:
 
 @pytest.fixture(scope="module")
 def existing_ids(fuzzed_api) -> list[str]:
-    """Rows for the generated ids to hit: queued and running jobs, client keys."""
+    """Rows for the generated ids to hit: queued and running jobs, client keys,
+    and the running job's lease token."""
     ids = []
     for n in range(4):
         reply = fuzzed_api.call("POST", "generations", {"prompt": f"fuzz {n}"})
         assert reply.status == HTTPStatus.CREATED, reply.body
         ids.append(reply.json()["id"])
-    assert fuzzed_api.call("POST", "generations/claim").status == HTTPStatus.OK
+    claimed = fuzzed_api.call("POST", "generations/claim")
+    assert claimed.status == HTTPStatus.OK
+    ids.append(claimed.json()["lease_token"])  # so fuzzed tokens sometimes hold
     for n in range(2):
         reply = fuzzed_api.call("POST", "keys", {"name": f"fuzz {n}"})
         assert reply.status == HTTPStatus.CREATED, reply.body

@@ -5,12 +5,14 @@ from __future__ import annotations
 import hashlib
 import math
 import string
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
+import time_machine
 from django.core.exceptions import ValidationError
 from django.core.management import CommandError, call_command
 from django.db import IntegrityError, connection, transaction
+from django.db.models import BooleanField, DateTimeField, ExpressionWrapper, Value
 from django.db.models.functions import Now
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
@@ -272,3 +274,119 @@ def test_active_condition_agrees_with_is_active():
     )
     by_property = {key.name for key in ours if key.is_active}
     assert by_query == by_property == {"active", "future"}
+
+
+# --- one clock: the database's (SPEC §11) ---------------------------------------
+
+SKEW = timedelta(hours=1)
+
+
+def database_now() -> datetime:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT statement_timestamp()")
+        return cursor.fetchone()[0]
+
+
+@pytest.fixture
+def app_clock_behind():
+    """The app server's clock an hour behind the database's (skewed hosts)."""
+    with time_machine.travel(timezone.now() - SKEW, tick=True):
+        yield
+
+
+@pytest.mark.django_db
+def test_key_timestamps_come_from_the_database_clock(app_clock_behind):
+    api_key, raw_key = make_api_key()
+    assert api_key_authenticate(raw_key) is not None
+    api_key_revoke(api_key=api_key)
+
+    stored = ApiKey.objects.get(pk=api_key.pk)
+    now = database_now()
+    for name in ("created_at", "last_used_at", "revoked_at"):
+        # within the hour of skew: the database's now, not the app's
+        assert now - SKEW / 2 < getattr(stored, name) <= now, name
+    assert now - SKEW / 2 < api_key.created_at <= now
+
+
+@pytest.mark.django_db
+def test_expires_in_days_counts_from_the_database_clock(app_clock_behind):
+    api_key, _ = api_key_create(name="k", expires_in=timedelta(days=1))
+
+    assert api_key.expires_at - database_now() > timedelta(days=1) - SKEW / 2
+
+
+@pytest.mark.django_db
+def test_a_key_expired_on_the_database_clock_is_inactive_everywhere(app_clock_behind):
+    api_key, raw_key = make_api_key()
+    ApiKey.objects.filter(pk=api_key.pk).update(expires_at=Now() - timedelta(minutes=1))
+    api_key = ApiKey.objects.get(pk=api_key.pk)
+
+    assert api_key.is_active is False
+    assert not ApiKey.objects.filter(ApiKey.active_condition(), pk=api_key.pk).exists()
+    assert ApiKey.objects.with_is_active().get(pk=api_key.pk).is_active is False
+    assert api_key_authenticate(raw_key) is None
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("offset", "active"),
+    [
+        (timedelta(microseconds=-1), True),
+        (timedelta(0), False),
+        (timedelta(microseconds=1), False),
+    ],
+    ids=["just-before", "at-expiry", "just-after"],
+)
+def test_is_active_and_active_condition_agree_at_the_exact_expiry_boundary(
+    offset, active
+):
+    api_key, _ = make_api_key()
+    expires_at = database_now()
+    ApiKey.objects.filter(pk=api_key.pk).update(expires_at=expires_at)
+    at = Value(expires_at + offset, output_field=DateTimeField())
+
+    in_sql = ApiKey.objects.filter(ApiKey.active_condition(now=at), pk=api_key.pk)
+    annotated = ApiKey.objects.annotate(
+        is_active_now=ExpressionWrapper(
+            ApiKey.active_condition(now=at), output_field=BooleanField()
+        )
+    ).get(pk=api_key.pk)
+
+    assert in_sql.exists() is active
+    assert annotated.is_active is active  # the property reads the same rule
+
+
+# --- revoking is one-way, without a query per save ------------------------------
+
+
+@pytest.mark.django_db
+def test_saving_a_loaded_key_costs_no_extra_select(django_assert_num_queries):
+    api_key, _ = make_api_key()
+    api_key = ApiKey.objects.get(pk=api_key.pk)
+    api_key.name = "renamed"
+
+    with django_assert_num_queries(1):  # the UPDATE, no SELECT for the guard
+        api_key.save()
+
+    assert ApiKey.objects.get(pk=api_key.pk).name == "renamed"
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("how", ["loaded", "refreshed", "revoked-in-memory"])
+def test_a_revoked_key_can_never_be_saved_unrevoked(how):
+    api_key, _ = make_api_key()
+    if how == "loaded":
+        api_key_revoke(api_key=api_key)
+        api_key = ApiKey.objects.get(pk=api_key.pk)
+    elif how == "refreshed":
+        api_key_revoke(api_key=api_key)  # refreshes this very instance
+    else:
+        api_key = ApiKey.objects.get(pk=api_key.pk)
+        api_key.revoked_at = database_now()
+        api_key.save()
+    api_key.revoked_at = None
+
+    with pytest.raises(ValidationError):
+        api_key.save()
+
+    assert ApiKey.objects.get(pk=api_key.pk).revoked_at is not None

@@ -18,8 +18,9 @@ from tests.factories import make_api_key, make_generation
 BODIES = {
     "generations_create": {"prompt": "documented"},
     "generations_partial_update": {"name": "renamed"},
-    "generations_complete_create": {"output_path": "out.png"},
-    "generations_fail_create": {"error_message": "oom"},
+    "generations_heartbeat_create": {"lease_token": "{token}"},
+    "generations_complete_create": {"lease_token": "{token}", "output_path": "out.png"},
+    "generations_fail_create": {"lease_token": "{token}", "error_message": "oom"},
     "keys_create": {"name": "documented"},
 }
 EXPECTED_PATHS = {
@@ -110,30 +111,60 @@ def test_generation_and_key_bodies_are_documented(schema):
     assert set(page) == {"next", "previous", "results"}
 
 
+def test_the_lease_token_is_documented_only_where_a_worker_gets_or_sends_it(schema):
+    components = schema["components"]["schemas"]
+    assert "lease_token" not in components["Generation"]["properties"]
+    leased = components["LeasedGeneration"]["properties"]
+    assert leased["lease_token"]["format"] == "uuid"
+    generations = "/api/v1/generations"
+    for path in (f"{generations}/claim/", f"{generations}/{{id}}/heartbeat/"):
+        ok = schema["paths"][path]["post"]["responses"]["200"]
+        assert ok["content"]["application/json"]["schema"]["$ref"].endswith(
+            "/LeasedGeneration"
+        ), path
+    for verb in ("heartbeat", "complete", "fail"):
+        operation = schema["paths"][f"{generations}/{{id}}/{verb}/"]["post"]
+        body = operation["requestBody"]["content"]["application/json"]["schema"]
+        request = components[body["$ref"].rsplit("/", 1)[1]]
+        assert "lease_token" in request["required"], verb
+        assert "lease_lost" in operation["responses"]["409"]["description"], verb
+
+
 @pytest.fixture
 def documented_targets(owner_key):
-    """Fresh rows for each documented operation to act on."""
+    """Fresh rows for each documented operation to act on: (url, lease token)."""
 
-    def target(path: str) -> str:
+    def target(path: str) -> tuple[str, str | None]:
         if path.startswith("/api/v1/keys/{id}"):
-            return path.format(id=make_api_key(name="target")[0].pk)
+            return path.format(id=make_api_key(name="target")[0].pk), None
         generation = make_generation(api_key=owner_key[0])
         if any(verb in path for verb in ("heartbeat", "complete", "fail")):
             Generation.objects.filter(pk=generation.pk).transition(
                 Status.RUNNING, lease_seconds=60
             )
-        return path.format(id=generation.pk)
+        generation.refresh_from_db()
+        token = generation.lease_token
+        return path.format(id=generation.pk), None if token is None else str(token)
 
     return target
+
+
+def body_for(operation_id: str, token: str | None) -> dict | None:
+    body = BODIES.get(operation_id)
+    if body is None or token is None:
+        return body
+    return {name: value.replace("{token}", token) for name, value in body.items()}
 
 
 def test_every_documented_operation_answers_a_documented_status(
     schema, admin_api, documented_targets
 ):
     for path, method, operation in operations(schema):
-        for url in (documented_targets(path), documented_targets(path).rstrip("/")):
+        for slash in (True, False):
+            url, token = documented_targets(path)
+            url = url if slash else url.rstrip("/")
             response = admin_api.request(
-                method.upper(), url, BODIES.get(operation["operationId"])
+                method.upper(), url, body_for(operation["operationId"], token)
             )
             documented = set(operation["responses"])
             assert str(response.status_code) in documented, (method, url, response)

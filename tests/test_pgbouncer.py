@@ -200,9 +200,12 @@ def test_api_smoke_path_through_pgbouncer(pooled, tmp_path):
         second_status, second = call("GET", f"{following.path}?{following.query}")
         claim_status, claimed = call("POST", "/api/v1/generations/claim")
         job = f"/api/v1/generations/{claimed['id']}"
-        beat_status, beat = call("POST", f"{job}/heartbeat")
+        lease = {"lease_token": claimed["lease_token"]}
+        beat_status, beat = call("POST", f"{job}/heartbeat", lease)
         done_status, done = call(
-            "POST", f"{job}/complete", {"output_path": "/renders/lighthouse.png"}
+            "POST",
+            f"{job}/complete",
+            {**lease, "output_path": "/renders/lighthouse.png"},
         )
         read_status, read = call("GET", job)
 

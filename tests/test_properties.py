@@ -5,7 +5,8 @@ PostgreSQL): whatever ``POST /api/v1/generations`` accepts is stored and reads
 back equal to what was sent, and whatever it refuses writes nothing. The
 status machine is driven through the services with random sequences of
 actions (create, claim, heartbeat, complete, fail, cancel, delete, lease
-expiry) and compared after every step with a small model of SPEC §3.
+expiry, and a stalled worker's heartbeat / complete with an earlier claim's
+lease token) and compared after every step with a small model of SPEC §3.
 
 Examples are bounded and derandomized: the same run every time, a few
 seconds in all.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
 from decimal import Decimal
@@ -31,6 +33,7 @@ from hypothesis import strategies as st
 from apikeys.models import ApiKey
 from generations.models import TRANSITIONS, Generation, InvalidTransition, Status
 from generations.services import (
+    LeaseLost,
     generation_cancel,
     generation_claim_next,
     generation_complete,
@@ -292,6 +295,13 @@ class Job:
     expired_order: int | None = None  # set while its lease is in the past
     deleted: bool = False
     frozen: dict[str, Any] | None = None  # the row when it became terminal
+    tokens: list[Any] = field(default_factory=list)  # one per claim, newest last
+
+    def token(self, *, stale: bool) -> Any:
+        """The newest claim's lease token, or (stale) one an earlier claim had."""
+        if stale:
+            return self.tokens[-2] if len(self.tokens) > 1 else uuid.uuid4()
+        return self.tokens[-1] if self.tokens else uuid.uuid4()
 
 
 @dataclass
@@ -341,6 +351,8 @@ actions = st.lists(
                 "cancel",
                 "expire",
                 "delete",
+                "stale-heartbeat",
+                "stale-complete",
             ]
         ),
         st.integers(0, JOBS - 1),
@@ -350,18 +362,29 @@ actions = st.lists(
 )
 
 
+# The worker services take the job's id and a lease token: the newest claim's
+# (what its current holder sends) or, for "stale-…", an earlier claim's.
 SERVICES: dict[str, tuple[Any, Status]] = {
-    "heartbeat": (lambda g: generation_heartbeat(generation=g), Status.RUNNING),
+    "heartbeat": (
+        lambda g, token: generation_heartbeat(pk=g.pk, lease_token=token),
+        Status.RUNNING,
+    ),
     "complete": (
-        lambda g: generation_complete(generation=g, output_path=f"out/{g.pk}.png"),
+        lambda g, token: generation_complete(
+            pk=g.pk, lease_token=token, output_path=f"out/{g.pk}.png"
+        ),
         Status.COMPLETED,
     ),
     "fail": (
-        lambda g: generation_fail(generation=g, error_message="boom"),
+        lambda g, token: generation_fail(
+            pk=g.pk, lease_token=token, error_message="boom"
+        ),
         Status.FAILED,
     ),
-    "cancel": (lambda g: generation_cancel(generation=g), Status.CANCELLED),
+    "cancel": (lambda g, token: generation_cancel(generation=g), Status.CANCELLED),
 }
+SERVICES["stale-heartbeat"] = SERVICES["heartbeat"]
+SERVICES["stale-complete"] = SERVICES["complete"]
 
 
 def apply(model: Model, action: str, index: int) -> None:
@@ -380,6 +403,7 @@ def apply(model: Model, action: str, index: int) -> None:
             expected.status = Status.RUNNING
             expected.attempts += 1
             expected.expired_order = None
+            expected.tokens.append(claimed.lease_token)
         return
     job = model.job(index)
     if job is None:
@@ -396,26 +420,37 @@ def apply(model: Model, action: str, index: int) -> None:
             job.expired_order = model.expiries
         return
     if action == "delete":
+        # Deleting a live job stops it (SPEC §11): queued or running → cancelled.
         Generation.objects.filter(pk=job.pk).delete()
+        if not job.deleted and job.status in (Status.QUEUED, Status.RUNNING):
+            job.status, job.expired_order = Status.CANCELLED, None
         job.deleted = True
         return
 
     generation = Generation.all_objects.get(pk=job.pk)
     call, target = SERVICES[action]
+    stale = action.startswith("stale-")
+    token = job.token(stale=stale)
     if job.deleted:
         with pytest.raises(Generation.DoesNotExist):
-            call(generation)
+            call(generation, token)
         return
-    if action == "heartbeat":  # a cancelled job is handed back so its worker stops
-        allowed = job.status in (Status.RUNNING, Status.CANCELLED)
+    if action == "cancel":
+        refusal = None if target in TRANSITIONS[job.status] else InvalidTransition
+    elif job.status == Status.QUEUED or (job.status == Status.RUNNING and stale):
+        refusal = LeaseLost  # no lease, or not the current one: fenced off
+    elif job.status == Status.RUNNING:
+        refusal = None
+    elif job.status == Status.CANCELLED and target == Status.RUNNING:
+        refusal = None  # a cancelled job is handed back so its worker stops
     else:
-        allowed = target in TRANSITIONS[job.status]
-    if not allowed:
-        with pytest.raises(InvalidTransition):
-            call(generation)
+        refusal = InvalidTransition
+    if refusal is not None:
+        with pytest.raises(refusal):
+            call(generation, token)
         return
-    result = call(generation)
-    if action == "heartbeat":
+    result = call(generation, token)
+    if target == Status.RUNNING:
         if job.status == Status.RUNNING:
             job.expired_order = None
         assert result.status == job.status
@@ -452,6 +487,9 @@ def check(model: Model, previous: dict[Any, dict[str, Any]]) -> dict[Any, Any]:
             assert current["lease_expires_at"] is not None
             assert current["completed_at"] is None
             assert current["attempts"] >= 1
+            assert current["lease_token"] == job.tokens[-1]
+        if status != Status.RUNNING:
+            assert current["lease_token"] is None
         else:
             assert current["lease_expires_at"] is None
             assert current["completed_at"] >= current["created_at"]

@@ -46,6 +46,8 @@ GENERATION_COLUMNS = {
     "lease_expires_at": ("timestamp with time zone", None, NULLABLE, None),
     "attempts": ("integer", None, NULL_NOT_ALLOWED, "0"),
     "idempotency_key": ("character varying", 100, NULLABLE, None),
+    "request_fingerprint": ("character", 64, NULLABLE, None),
+    "lease_token": ("uuid", None, NULLABLE, None),
     "api_key_id": ("uuid", None, NULLABLE, None),
     "is_deleted": ("boolean", None, NULL_NOT_ALLOWED, "false"),
     "deleted_at": ("timestamp with time zone", None, NULLABLE, None),

@@ -13,7 +13,7 @@ from django.test.utils import CaptureQueriesContext
 
 from apikeys.keys import generate_key, hash_key, key_prefix
 from apikeys.models import ApiKey
-from generations.models import Generation
+from generations.models import Generation, Status
 from tests.factories import make_api_key, make_generation
 
 pytestmark = pytest.mark.django_db
@@ -236,3 +236,58 @@ def test_purge_deleted_ignores_alive_rows_and_reports_counts(capsys):
 def test_purge_deleted_refuses_bad_arguments(args):
     with pytest.raises(CommandError):
         call_command("purge_deleted", *args)
+
+
+# --- deleting a live generation cancels it, whatever path (SPEC §3, §11) ----------
+
+
+def claimed_job(**fields):
+    from generations.services import generation_claim_next
+
+    generation = make_generation(**fields)
+    assert generation_claim_next().pk == generation.pk
+    return generation
+
+
+def test_queryset_delete_of_a_running_job_cancels_it_in_one_update():
+    job = claimed_job()
+
+    with CaptureQueriesContext(connection) as ctx:
+        count, _ = Generation.objects.filter(status=Status.RUNNING).delete()
+
+    assert count == 1
+    assert len(statements(ctx, "UPDATE")) == 1
+    stored = Generation.all_objects.get(pk=job.pk)
+    assert (stored.is_deleted, stored.status) == (True, Status.CANCELLED)
+    assert (stored.lease_expires_at, stored.lease_token) == (None, None)
+    assert stored.completed_at == stored.deleted_at == stored.updated_at
+    assert stored.duration_ms is not None
+
+
+def test_instance_delete_of_a_running_job_cancels_it():
+    job = Generation.objects.get(pk=claimed_job().pk)
+
+    job.delete()
+
+    assert (job.is_deleted, job.status) == (True, Status.CANCELLED)
+    stored = Generation.all_objects.get(pk=job.pk)
+    assert (stored.is_deleted, stored.status) == (True, Status.CANCELLED)
+
+
+def test_queryset_delete_cancels_live_jobs_and_leaves_finished_ones_alone():
+    running = claimed_job(prompt="running")
+    queued = make_generation(prompt="queued")
+    done = make_generation(prompt="done")
+    Generation.objects.filter(pk=done.pk).transition(Status.CANCELLED)
+    done_before = Generation.objects.values().get(pk=done.pk)
+
+    Generation.objects.filter(pk__in=[running.pk, queued.pk, done.pk]).delete()
+
+    stored = {g.pk: g for g in Generation.all_objects.all()}
+    assert stored[running.pk].status == stored[queued.pk].status == Status.CANCELLED
+    assert stored[queued.pk].duration_ms is None  # it never started
+    after = Generation.all_objects.values().get(pk=done.pk)
+    assert after["is_deleted"]
+    assert {
+        k: v for k, v in after.items() if k not in ("is_deleted", "deleted_at")
+    } == {k: v for k, v in done_before.items() if k not in ("is_deleted", "deleted_at")}

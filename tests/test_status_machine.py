@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import uuid
 from datetime import timedelta
 
 import pytest
@@ -13,6 +14,7 @@ from django.test.utils import CaptureQueriesContext
 
 from generations.models import TRANSITIONS, Generation, InvalidTransition, Status
 from generations.services import (
+    LeaseLost,
     generation_cancel,
     generation_claim_next,
     generation_complete,
@@ -45,6 +47,7 @@ def generation_in(status: Status) -> Generation:
         values |= {"started_at": Now(), "attempts": 1}
     if status == Status.RUNNING:
         values["lease_expires_at"] = Now() + timedelta(minutes=5)
+        values["lease_token"] = uuid.uuid4()
     if status in Status.terminal():
         values["completed_at"] = Now()
     Generation.all_objects.filter(pk=generation.pk).update(**values)
@@ -158,12 +161,15 @@ def test_complete_sets_completed_at_duration_and_output():
     )
 
     done = generation_complete(
-        generation=generation, output_path="out/1.png", thumbnail_path="out/1.jpg"
+        pk=generation.pk,
+        lease_token=generation.lease_token,
+        output_path="out/1.png",
+        thumbnail_path="out/1.jpg",
     )
 
     assert done.status == Status.COMPLETED
     assert (done.output_path, done.thumbnail_path) == ("out/1.png", "out/1.jpg")
-    assert done.lease_expires_at is None
+    assert (done.lease_expires_at, done.lease_token) == (None, None)
     assert done.completed_at >= done.created_at
     elapsed_ms = (done.completed_at - done.started_at) / timedelta(milliseconds=1)
     assert abs(done.duration_ms - elapsed_ms) <= 1
@@ -171,8 +177,11 @@ def test_complete_sets_completed_at_duration_and_output():
 
 
 def test_fail_records_the_error():
+    running = generation_in(Status.RUNNING)
     failed = generation_fail(
-        generation=generation_in(Status.RUNNING), error_message="CUDA out of memory"
+        pk=running.pk,
+        lease_token=running.lease_token,
+        error_message="CUDA out of memory",
     )
 
     assert failed.status == Status.FAILED
@@ -207,10 +216,11 @@ def test_services_refuse_to_move_terminal_jobs(terminal):
 
     with pytest.raises(InvalidTransition):
         generation_cancel(generation=generation)
+    token = uuid.uuid4()  # no token is current once a job is finished
     with pytest.raises(InvalidTransition):
-        generation_complete(generation=generation, output_path="x")
+        generation_complete(pk=generation.pk, lease_token=token, output_path="x")
     with pytest.raises(InvalidTransition):
-        generation_heartbeat(generation=generation)
+        generation_heartbeat(pk=generation.pk, lease_token=token)
 
 
 def test_heartbeat_extends_the_lease():
@@ -218,18 +228,20 @@ def test_heartbeat_extends_the_lease():
     Generation.objects.filter(pk=generation.pk).update(lease_expires_at=F("started_at"))
     before = Generation.objects.get(pk=generation.pk).lease_expires_at
 
-    assert generation_heartbeat(generation=generation).lease_expires_at > before
+    beat = generation_heartbeat(pk=generation.pk, lease_token=generation.lease_token)
+    assert beat.lease_expires_at > before
 
 
 def test_heartbeat_on_a_cancelled_job_returns_it_so_the_worker_stops():
     generation = generation_in(Status.CANCELLED)
 
-    assert generation_heartbeat(generation=generation).status == Status.CANCELLED
+    beat = generation_heartbeat(pk=generation.pk, lease_token=uuid.uuid4())
+    assert beat.status == Status.CANCELLED
 
 
-def test_heartbeat_on_a_queued_job_is_refused():
-    with pytest.raises(InvalidTransition):
-        generation_heartbeat(generation=make_generation())
+def test_heartbeat_on_a_queued_job_is_lease_lost():
+    with pytest.raises(LeaseLost):
+        generation_heartbeat(pk=make_generation().pk, lease_token=uuid.uuid4())
 
 
 def expire_lease(generation: Generation) -> None:

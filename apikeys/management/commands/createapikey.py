@@ -4,7 +4,6 @@ from datetime import timedelta
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.utils import timezone
 
 from apikeys.models import ApiKey
 from apikeys.services import api_key_create
@@ -61,7 +60,7 @@ class Command(BaseCommand):
             name=name,
             is_admin=options["admin"],
             rate_limit=options["rate_limit"],
-            expires_at=timezone.now() + timedelta(days=days) if days else None,
+            expires_in=timedelta(days=days) if days else None,
         )
         expires = api_key.expires_at.isoformat() if api_key.expires_at else "never"
         self.stderr.write(
