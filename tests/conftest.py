@@ -30,6 +30,18 @@ def django_db_modify_db_settings(django_db_modify_db_settings_parallel_suffix):
         test["NAME"] = f"{base}_{suffix}"
 
 
+@pytest.fixture(autouse=True)
+def fresh_local_counters():
+    """Process-memory counters start empty in every test.
+
+    The test client is always 127.0.0.1: without this, failed authentications
+    of earlier tests would count against the next one's per-address limit.
+    """
+    from django.core.cache import caches
+
+    caches["default"].clear()
+
+
 @pytest.fixture(scope="session")
 def pg_cluster_session():
     """One throwaway PostgreSQL cluster for the whole run (see tests/pgcluster.py)."""
