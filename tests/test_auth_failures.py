@@ -8,18 +8,22 @@ in a Redis of its own.
 from __future__ import annotations
 
 import ipaddress
+from datetime import timedelta
 from http import HTTPStatus
 
 import pytest
+import redis
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
 
-from apikeys.auth import RATE_LIMIT_WINDOW_SECONDS
+from apikeys.auth import RATE_LIMIT_WINDOW_SECONDS, auth_failure_key, current_window
 from apikeys.keys import generate_key
 from apikeys.services import api_key_revoke
 from lockngen.client_address import address_from_meta, parse_networks
 from lockngen.database import ConfigError
 from tests.factories import make_api_key
+from tests.redisproc import redis_process
 
 LIMIT = 5
 PROXY = "127.0.0.1"  # trusted by default
@@ -56,10 +60,6 @@ def test_past_the_limit_a_guess_is_429_before_any_query(client, db):
     ["unknown", "revoked", "expired", "malformed", "other-scheme"],
 )
 def test_every_kind_of_bad_key_counts(client, db, bad):
-    from datetime import timedelta
-
-    from django.utils import timezone
-
     if bad == "revoked":
         api_key, raw = make_api_key()
         api_key_revoke(api_key=api_key)
@@ -186,3 +186,52 @@ def test_trusted_proxies_must_be_addresses_or_networks():
     )
     with pytest.raises(ConfigError, match="TRUSTED_PROXIES"):
         parse_networks(["proxy.internal"], name="TRUSTED_PROXIES")
+
+
+# --- in Redis: shared, and no extra round trip for a working key ----------------
+
+
+@pytest.fixture
+def own_redis(tmp_path, settings):
+    with redis_process(tmp_path) as server:
+        settings.REDIS_URL = server.url
+        yield server
+
+
+def command_calls(url: str) -> dict[str, int]:
+    stats = redis.Redis.from_url(url).info("commandstats")
+    return {name.removeprefix("cmdstat_"): row["calls"] for name, row in stats.items()}
+
+
+def delta(before: dict[str, int], after: dict[str, int], command: str) -> int:
+    return after.get(command, 0) - before.get(command, 0)
+
+
+def test_failures_are_counted_in_the_shared_redis(client, db, own_redis):
+    for _ in range(LIMIT):
+        get_me(client, generate_key())
+    window, _ = current_window()
+
+    stored = redis.Redis.from_url(own_redis.url).get(
+        auth_failure_key("127.0.0.1", window)
+    )
+    assert int(stored) == LIMIT
+    assert get_me(client, generate_key()).status_code == 429
+
+
+def test_a_working_key_pays_no_failure_counter_read(client, db, own_redis):
+    _, raw = make_api_key(rate_limit=100)
+    assert get_me(client, raw).status_code == HTTPStatus.OK  # first: one read
+    before = command_calls(own_redis.url)
+
+    for _ in range(10):
+        assert get_me(client, raw).status_code == HTTPStatus.OK
+    after_good = command_calls(own_redis.url)
+    for _ in range(3):
+        get_me(client, generate_key())
+    after_bad = command_calls(own_redis.url)
+
+    assert delta(before, after_good, "get") == 0
+    assert delta(before, after_good, "evalsha") == 10  # the key's own limit
+    assert delta(after_good, after_bad, "get") == 3  # guesses: read, then count
+    assert delta(after_good, after_bad, "evalsha") == 3
