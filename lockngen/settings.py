@@ -130,7 +130,14 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 # Process memory: the per-process fallback of the rate-limit counters and
 # nothing shared. Shared counters live in Redis (REDIS_URL), reached through
 # lockngen.counters' own client, not through Django's cache.
-CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+CACHES = {
+    "default": {
+        "BACKEND": "django.core.cache.backends.locmem.LocMemCache",
+        # Room for every key's and address's counter of a window while Redis
+        # is down (the default 300 would cull live counters).
+        "OPTIONS": {"MAX_ENTRIES": 100_000},
+    }
+}
 REDIS_URL = env.get("REDIS_URL", "").strip()
 # A sick Redis must cost a request milliseconds: connect and socket timeouts,
 # then a circuit breaker that stops trying for a few seconds.
