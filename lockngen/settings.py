@@ -297,5 +297,8 @@ LOGGING = {
         # Through the root handler only (one line, with the request id).
         "django": {"handlers": [], "level": "INFO"},
         "health_check": {"filters": ["health_warnings"]},
+        # Failed logins and lockouts are warnings; the start-up banner and
+        # per-login housekeeping lines (INFO) would reach every manage.py run.
+        "axes": {"level": "WARNING"},
     },
 }
