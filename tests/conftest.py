@@ -42,6 +42,21 @@ def fresh_local_counters():
     caches["default"].clear()
 
 
+@pytest.fixture
+def inside_one_minute_window():
+    """Start well inside a fixed one-minute window (rate limits, auth failures).
+
+    A test that counts up to a limit must not see the real clock roll its
+    counters over half-way.
+    """
+    import time
+
+    margin = 10  # no such test takes this long
+    left = 60 - time.time() % 60
+    if left < margin:
+        time.sleep(left + 0.05)
+
+
 @pytest.fixture(scope="session")
 def pg_cluster_session():
     """One throwaway PostgreSQL cluster for the whole run (see tests/pgcluster.py)."""

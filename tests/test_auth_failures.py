@@ -30,6 +30,9 @@ PROXY = "127.0.0.1"  # trusted by default
 STRANGER = "198.51.100.7"  # TEST-NET-2: never contacted, only written in META
 
 
+pytestmark = pytest.mark.usefixtures("inside_one_minute_window")
+
+
 @pytest.fixture(autouse=True)
 def small_limit(settings):
     settings.AUTH_FAILURES_PER_MINUTE = LIMIT

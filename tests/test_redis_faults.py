@@ -22,7 +22,10 @@ from tests.factories import make_api_key
 from tests.redisproc import RedisProcess, redis_process
 from tests.serving import Server, process_env
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.usefixtures("inside_one_minute_window"),
+]
 
 REQUESTS = 20
 # Client-side bound per request: the old code's 2 s timeout (and retries)
