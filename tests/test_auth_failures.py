@@ -238,3 +238,25 @@ def test_a_working_key_pays_no_failure_counter_read(client, db, own_redis):
     assert delta(before, after_good, "evalsha") == 10  # the key's own limit
     assert delta(after_good, after_bad, "get") == 3  # guesses: read, then count
     assert delta(after_good, after_bad, "evalsha") == 3
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("TRUSTED_PROXIES", "proxy.internal"),
+        ("TRUSTED_PROXIES", "10.0.0.0/33"),
+        ("AUTH_FAILURES_PER_MINUTE", "-1"),
+        ("AUTH_FAILURES_PER_MINUTE", "many"),
+        ("ADMIN_LOGIN_FAILURES", "0"),
+    ],
+)
+def test_bad_edge_settings_stop_start_up_with_one_line(variable, value):
+    from tests.serving import manage, process_env
+
+    result = manage("check", env=process_env(**{variable: value}))
+
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert variable in lines[0]
+    assert "Traceback" not in result.stderr
