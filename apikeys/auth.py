@@ -2,10 +2,12 @@
 
 Authentication is one indexed lookup per request (``api_key_authenticate``),
 with no cache, so a revoked key fails on its very next request. The rate limit
-is a fixed one-minute window per key: one atomic script (``INCR``, plus
-``EXPIRE`` on a window's first request) in Redis, one round trip;
-``cache.incr`` / ``cache.add`` on other cache backends (local memory). O(1)
-either way.
+is a fixed one-minute window per key, counted by ``lockngen.counters`` (one
+atomic script in Redis, one round trip; per process while Redis is sick).
+
+Failed authentications are counted per client address
+(``lockngen.client_address``); past ``AUTH_FAILURES_PER_MINUTE`` a credential
+gets 429 before it is looked up, so guessing keys costs no database query.
 """
 
 from __future__ import annotations
@@ -13,20 +15,21 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from django.core.cache import cache, caches
-from django.core.cache.backends.redis import RedisCache
+from django.conf import settings
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import exceptions
 from rest_framework.authentication import BaseAuthentication
 from rest_framework.permissions import BasePermission
 from rest_framework.request import Request
 
+from apikeys.keys import hash_key
 from apikeys.models import ApiKey
 from apikeys.services import api_key_authenticate
+from lockngen.client_address import client_address
+from lockngen.counters import counters
 
 logger = logging.getLogger(__name__)
 
@@ -47,11 +50,17 @@ class ApiKeyAuthentication(BaseAuthentication):
         raw_key = credentials(request.META)
         if raw_key is None:
             return None  # → 401 "not provided" once a permission asks for a key
+        key_hash = hash_key(raw_key)
+        if key_hash not in recently_authenticated:
+            auth_failures_check(failure_address(request))  # 429 before the lookup
         api_key = api_key_authenticate(raw_key)
         if api_key is None:
+            recently_authenticated.discard(key_hash)
+            auth_failure_record(failure_address(request))
             raise exceptions.AuthenticationFailed(
                 "Invalid API key: unknown, revoked, expired or deleted."
             )
+        recently_authenticated.add(key_hash)
         return None, api_key
 
     def authenticate_header(self, request: Request) -> str:
@@ -127,24 +136,17 @@ def rate_limit_hit(
 
     Returns the state for the ``X-RateLimit-*`` headers; raises ``Throttled``
     (429, ``Retry-After``) past the limit. Keys with ``rate_limit = 0`` are
-    unlimited, cost nothing and get None (no headers). If the cache is down
-    the request is let through (and logged): an outage of the counter must not
-    become an API outage.
+    unlimited, cost nothing and get None (no headers). While Redis is
+    unavailable the count is this process's own (``lockngen.counters``): the
+    limit then holds per process instead of being switched off.
     """
     limit = api_key.rate_limit
     if limit == 0:
         return None
-    now = time.time() if now is None else now
-    window = int(now // RATE_LIMIT_WINDOW_SECONDS)
-    reset_seconds = max(1, math.ceil((window + 1) * RATE_LIMIT_WINDOW_SECONDS - now))
-    counter = f"ratelimit:{api_key.pk.hex}:{window}"
-    try:
-        count = _increment(counter)
-    except Exception as exc:  # any cache failure: fail open
-        logger.warning(
-            "rate-limit cache unavailable (%s); not limiting", type(exc).__name__
-        )
-        return RateLimitState(limit=limit, remaining=limit, reset_seconds=reset_seconds)
+    window, reset_seconds = current_window(now)
+    count = counters().hit(
+        f"lockngen:ratelimit:{api_key.pk.hex}:{window}", ttl=COUNTER_TTL_SECONDS
+    )
     state = RateLimitState(
         limit=limit, remaining=max(0, limit - count), reset_seconds=reset_seconds
     )
@@ -153,55 +155,87 @@ def rate_limit_hit(
     return state
 
 
+def current_window(now: float | None = None) -> tuple[int, int]:
+    """The fixed one-minute window of ``now`` and the seconds until it ends."""
+    now = time.time() if now is None else now
+    window = int(now // RATE_LIMIT_WINDOW_SECONDS)
+    reset_seconds = max(1, math.ceil((window + 1) * RATE_LIMIT_WINDOW_SECONDS - now))
+    return window, reset_seconds
+
+
 # Twice the window, so a counter never expires while its window is open even
 # on a server whose clock lags a little.
 COUNTER_TTL_SECONDS = 2 * RATE_LIMIT_WINDOW_SECONDS
-
-
-# INCR, and give the counter its lifetime when this request created it. A Lua
-# script is atomic: there is no moment when a counter exists without a TTL.
-_INCR_SCRIPT = """
-local count = redis.call('INCR', KEYS[1])
-if count == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
-return count
-"""
-
-
-def _increment(counter: str) -> int:
-    backend = caches["default"]
-    if isinstance(backend, RedisCache):
-        return _redis_incr(backend)(backend.make_and_validate_key(counter))
-    # incr first: in the common case the window's counter exists already.
-    try:
-        return cache.incr(counter)
-    except ValueError:
-        pass
-    if cache.add(counter, 1, timeout=COUNTER_TTL_SECONDS):
-        return 1
-    return cache.incr(counter)  # another request created it first
-
-
-def _redis_incr(backend: RedisCache) -> Callable[[str], int]:
-    """The counter script, bound to a client of this cache's connection pool.
-
-    One round trip (EVALSHA) per request, where Django's RedisCache.incr needs
-    two (EXISTS, INCRBY) plus an add() on a window's first request. The client
-    is kept on the backend (one per thread, as Django keeps caches): RedisCache
-    builds a new ``redis.Redis`` for every call, which costs more than the
-    round trip itself (docs/PERFORMANCE.md, "Read path").
-    """
-    incr = getattr(backend, "_lockngen_rate_limit_incr", None)
-    if incr is None:
-        script = backend._cache.get_client(write=True).register_script(_INCR_SCRIPT)
-
-        def incr(key: str) -> int:
-            return int(script(keys=[key], args=[COUNTER_TTL_SECONDS]))
-
-        backend._lockngen_rate_limit_incr = incr  # type: ignore[attr-defined]
-    return incr
 
 
 class RateLimited(exceptions.Throttled):
     def __init__(self, state: RateLimitState) -> None:
         super().__init__(wait=state.reset_seconds)
         self.state = state
+
+
+# --- Failed authentications per client address (SPEC §12) ---------------------
+
+
+class AuthFailuresLimited(exceptions.Throttled):
+    default_detail = "Too many failed authentications from this address."
+
+
+def failure_address(request: Request) -> str:
+    # Without a peer address (a unix socket) every client shares one count.
+    return client_address(request) or "unknown"
+
+
+def auth_failure_key(address: str, window: int) -> str:
+    return f"lockngen:authfail:{address}:{window}"
+
+
+def auth_failures_check(address: str, *, now: float | None = None) -> None:
+    """Raise ``AuthFailuresLimited`` (429) once ``address`` has used up its
+    ``AUTH_FAILURES_PER_MINUTE`` failures in this window. No database query.
+    """
+    limit = settings.AUTH_FAILURES_PER_MINUTE
+    if limit == 0:
+        return
+    window, reset_seconds = current_window(now)
+    if counters().peek(auth_failure_key(address, window)) >= limit:
+        raise AuthFailuresLimited(wait=reset_seconds)
+
+
+def auth_failure_record(address: str, *, now: float | None = None) -> None:
+    if settings.AUTH_FAILURES_PER_MINUTE == 0:
+        return
+    window, _ = current_window(now)
+    counters().hit(auth_failure_key(address, window), ttl=COUNTER_TTL_SECONDS)
+
+
+class RecentlyAuthenticated:
+    """Hashes of raw keys that authenticated in this process lately.
+
+    Only credentials *not* in here pay the Redis read of the failure counter
+    before their lookup, so a working key costs no extra round trip while a
+    guessed one is refused before it reaches the database. Membership only
+    skips that read: the key is still looked up, so a key revoked since fails
+    (and leaves the set) on its very next request.
+
+    A plain dict, cleared when full, rather than an LRU: losing the entries
+    only costs each key one more counter read.
+    """
+
+    def __init__(self, size: int = 10_000) -> None:
+        self.size = size
+        self._hashes: dict[str, None] = {}
+
+    def __contains__(self, key_hash: str) -> bool:
+        return key_hash in self._hashes
+
+    def add(self, key_hash: str) -> None:
+        if len(self._hashes) >= self.size:
+            self._hashes.clear()
+        self._hashes[key_hash] = None
+
+    def discard(self, key_hash: str) -> None:
+        self._hashes.pop(key_hash, None)
+
+
+recently_authenticated = RecentlyAuthenticated()

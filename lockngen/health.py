@@ -5,44 +5,48 @@ django-health-check 4.x has no migrations or pool check and knows only "all OK"
 below maps the library's results: a ``ServiceWarning`` makes the service
 *degraded* (still 200), any other error *unhealthy* (503).
 
-The library runs each synchronous check in a fresh executor thread per probe.
-Nothing ever closes what such a thread opened (no ``request_finished`` there),
-so every check that touches the database goes through :func:`database`, which
-closes the connection it opened.
+The library runs each synchronous check in a fresh executor thread per probe,
+and its ``Database`` check opens a fresh session besides: three new
+PostgreSQL sessions per probe. Our database checks are coroutines that run
+their query on the request's own thread (``sync_to_async(thread_sensitive=
+True)``), so they use that thread's connection like any view does (persistent
+for ``CONN_MAX_AGE``, or the pool) and open none of their own. The view
+answers from a report at most ``HEALTH_REPORT_SECONDS`` old, so a flood of
+probes costs one run of the checks per interval and process (SPEC §12).
 """
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import dataclasses
 import enum
 import logging
-from collections.abc import Iterable, Iterator
+import threading
+import time
+from collections.abc import Callable, Iterable
 from http import HTTPStatus
 from typing import Any, ClassVar
 
+from asgiref.sync import sync_to_async
+from circuitbreaker import CircuitBreakerError
 from django.conf import settings
+from django.core.signals import setting_changed
 from django.db import DatabaseError, connections
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.migrations.executor import MigrationExecutor
 from django.db.models import Count, Min, Q
 from django.db.models.functions import Now
+from django.dispatch import receiver
 from django.http import HttpResponse, JsonResponse
 from django.utils import timezone
 from health_check.base import HealthCheck, HealthCheckResult
 from health_check.exceptions import ServiceUnavailable, ServiceWarning
 from health_check.views import HealthCheckView
+from redis import RedisError
+
+from lockngen.counters import counters
 
 logger = logging.getLogger(__name__)
-
-# Cache backends whose counters live in one process: per-key rate limits then
-# multiply by the number of gunicorn workers (SPEC §2, REDIS_URL).
-LOCAL_CACHE_BACKENDS = frozenset(
-    {
-        "django.core.cache.backends.locmem.LocMemCache",
-        "django.core.cache.backends.dummy.DummyCache",
-    }
-)
 
 
 class State(enum.StrEnum):
@@ -68,10 +72,18 @@ FALLBACK_DEGRADATION = "SQLite development fallback in use: set DATABASE_URL"
 LOCAL_LIMITS_DEGRADATION = (
     "rate limits are counted per process (local memory): set REDIS_URL"
 )
+REDIS_DOWN_DEGRADATION = (
+    "Redis is unavailable: rate limits are counted per process until it answers"
+)
 
 
-def local_rate_limits(alias: str = "default") -> bool:
-    return settings.CACHES[alias]["BACKEND"] in LOCAL_CACHE_BACKENDS
+def local_rate_limits() -> str | None:
+    """Why rate limits are counted per process right now, or None (no I/O)."""
+    if not settings.REDIS_URL:
+        return LOCAL_LIMITS_DEGRADATION
+    if not counters().shared:
+        return REDIS_DOWN_DEGRADATION  # the circuit breaker is open
+    return None
 
 
 def degradations() -> list[str]:
@@ -83,8 +95,8 @@ def degradations() -> list[str]:
     reasons = []
     if settings.DATABASE_FALLBACK:
         reasons.append(FALLBACK_DEGRADATION)
-    if local_rate_limits():
-        reasons.append(LOCAL_LIMITS_DEGRADATION)
+    if reason := local_rate_limits():
+        reasons.append(reason)
     return reasons
 
 
@@ -100,16 +112,14 @@ class DropDegradedTracebacks(logging.Filter):
         return not isinstance(exc, ServiceWarning)
 
 
-@contextlib.contextmanager
-def database(alias: str = "default") -> Iterator[BaseDatabaseWrapper]:
-    """This thread's connection, closed afterwards if it was opened here."""
-    connection = connections[alias]
-    opened_here = connection.connection is None
-    try:
-        yield connection
-    finally:
-        if opened_here:
-            connection.close()
+async def on_request_thread(func: Callable[[], None]) -> None:
+    """Run ``func`` on the request's thread, with that thread's connection.
+
+    Under WSGI the view's event loop runs in a helper thread;
+    ``thread_sensitive=True`` hands ``func`` back to the thread serving the
+    request, whose connection Django opens and closes like any request's.
+    """
+    await sync_to_async(func, thread_sensitive=True)()
 
 
 def pending_migrations(connection: BaseDatabaseWrapper) -> list[str]:
@@ -151,15 +161,41 @@ class MeasuredCheck(HealthCheck):
 
 
 @dataclasses.dataclass
+class Database(HealthCheck):
+    """``SELECT 1`` on the request thread's connection.
+
+    Replaces ``health_check.checks.Database``, which opens (and closes) a
+    session of its own on every probe.
+    """
+
+    alias: str = "default"
+
+    async def run(self) -> None:
+        await on_request_thread(self.check)
+
+    def check(self) -> None:
+        try:
+            with connections[self.alias].cursor() as cursor:
+                cursor.execute("SELECT 1")
+                cursor.fetchone()
+        except DatabaseError as exc:
+            raise ServiceUnavailable(
+                f"database unavailable ({short_reason(exc)})"
+            ) from exc
+
+
+@dataclasses.dataclass
 class Migrations(HealthCheck):
     """Unhealthy while a migration is pending (django-health-check 4.x has none)."""
 
     alias: str = "default"
 
-    def run(self) -> None:
+    async def run(self) -> None:
+        await on_request_thread(self.check)
+
+    def check(self) -> None:
         try:
-            with database(self.alias) as connection:
-                pending = pending_migrations(connection)
+            pending = pending_migrations(connections[self.alias])
         except DatabaseError as exc:
             raise ServiceUnavailable(
                 f"cannot read the migration history ({short_reason(exc)})"
@@ -220,26 +256,26 @@ class QueueGauges(MeasuredCheck):
         "expired_leases": "Running generations whose worker lease has expired",
     }
 
-    def run(self) -> None:
+    async def run(self) -> None:
+        await on_request_thread(self.check)
+
+    def check(self) -> None:
         from generations.models import Generation, Status
 
         queued, running = Q(status=Status.QUEUED), Q(status=Status.RUNNING)
         try:
-            with database(self.alias):
-                # One statement over the hot statuses only (status index),
-                # never a scan of the finished history.
-                row = (
-                    Generation.objects.using(self.alias)
-                    .filter(status__in=[Status.QUEUED, Status.RUNNING])
-                    .aggregate(
-                        queued=Count("pk", filter=queued),
-                        oldest=Min("created_at", filter=queued),
-                        running=Count("pk", filter=running),
-                        expired=Count(
-                            "pk", filter=running & Q(lease_expires_at__lt=Now())
-                        ),
-                    )
+            # One statement over the hot statuses only (status index),
+            # never a scan of the finished history.
+            row = (
+                Generation.objects.using(self.alias)
+                .filter(status__in=[Status.QUEUED, Status.RUNNING])
+                .aggregate(
+                    queued=Count("pk", filter=queued),
+                    oldest=Min("created_at", filter=queued),
+                    running=Count("pk", filter=running),
+                    expired=Count("pk", filter=running & Q(lease_expires_at__lt=Now())),
                 )
+            )
         except DatabaseError as exc:
             raise ServiceUnavailable(
                 f"cannot read the queue ({short_reason(exc)})"
@@ -265,16 +301,84 @@ class DatabaseBackend(HealthCheck):
 
 @dataclasses.dataclass
 class RateLimitCache(HealthCheck):
-    """Degraded when rate-limit counters live in one process's memory."""
+    """Degraded when rate limits are counted per process: ``REDIS_URL`` unset,
+    or Redis not answering a ``PING`` (its circuit breaker open).
 
-    alias: str = "default"
+    Only a warning: each process still enforces every limit on its own.
+    """
 
-    async def run(self) -> None:
-        if local_rate_limits(self.alias):
-            raise ServiceWarning(LOCAL_LIMITS_DEGRADATION)
+    def run(self) -> None:
+        if reason := local_rate_limits():
+            raise ServiceWarning(reason)
+        try:
+            counters().ping()
+        except (RedisError, CircuitBreakerError) as exc:
+            raise ServiceWarning(
+                f"{REDIS_DOWN_DEGRADATION} ({short_reason(exc)})"
+            ) from exc
 
 
 # --- The report -----------------------------------------------------------------
+
+
+class Report:
+    """This process's last run of the checks, reused while it is fresh.
+
+    One run at a time: probes that arrive during a run wait for it (the lock
+    is taken in the probe's own event-loop thread; the run's queries happen on
+    its request thread) and answer with its results.
+    """
+
+    # Longer than any check may take (the library's 5 s timeout + 1).
+    LOCK_TIMEOUT_SECONDS = 10
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._results: list[HealthCheckResult] = []
+        self._taken_at = float("-inf")
+
+    def _fresh(self) -> list[HealthCheckResult] | None:
+        age = time.monotonic() - self._taken_at
+        return self._results if age < settings.HEALTH_REPORT_SECONDS else None
+
+    async def results(
+        self, checks: Callable[[], Iterable[HealthCheck]]
+    ) -> list[HealthCheckResult]:
+        if (fresh := self._fresh()) is not None:
+            return fresh
+        locked = self._lock.acquire(timeout=self.LOCK_TIMEOUT_SECONDS)
+        try:
+            if (fresh := self._fresh()) is not None:
+                return fresh
+            results = list(
+                await asyncio.gather(*(check.get_result() for check in checks()))
+            )
+            self._results, self._taken_at = results, time.monotonic()
+            return results
+        finally:
+            if locked:
+                self._lock.release()
+
+    def forget(self) -> None:
+        self._taken_at = float("-inf")
+
+
+report = Report()
+
+
+@receiver(setting_changed)
+def _forget_report(**kwargs: Any) -> None:
+    report.forget()  # tests change what the checks would see
+
+
+@dataclasses.dataclass
+class Remembered:
+    """A result of the remembered report, in the shape the library gathers."""
+
+    result: HealthCheckResult
+
+    async def get_result(self, executor: Any = None) -> HealthCheckResult:
+        return self.result
 
 
 class HealthView(HealthCheckView):
@@ -282,11 +386,21 @@ class HealthView(HealthCheckView):
 
     Degraded answers 200 and unhealthy 503 in HTML, JSON and text. OpenMetrics
     keeps the library's 200 (a failed scrape would drop every gauge) and
-    carries the state as the ``lockngen_health_state`` state set.
+    carries the state as the ``lockngen_health_state`` state set. The checks
+    run at most once per ``HEALTH_REPORT_SECONDS`` (``Report``); the library's
+    ``get`` then renders the remembered results.
     """
 
     template_name = "lockngen/health.html"
     results: list[HealthCheckResult]
+    remembered: list[HealthCheckResult]
+
+    async def get(self, request: Any, *args: Any, **kwargs: Any) -> HttpResponse:
+        self.remembered = await report.results(super().get_checks)
+        return await super().get(request, *args, **kwargs)
+
+    def get_checks(self) -> list[Remembered]:  # type: ignore[override]
+        return [Remembered(result) for result in self.remembered]
 
     @property
     def state(self) -> State:

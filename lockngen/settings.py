@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+from datetime import timedelta
 from pathlib import Path
 
 from dotenv import load_dotenv
 
 from apikeys.keys import DEFAULT_DEV_API_KEY, is_valid_format
+from lockngen.client_address import DEFAULT_TRUSTED_PROXIES, parse_networks
 from lockngen.database import ConfigError, database_config, env_bool, env_int
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -58,6 +60,7 @@ CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS")
 INSTALLED_APPS = [
     "django.contrib.admin",
     "django.contrib.auth",
+    "axes",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
     "django.contrib.messages",
@@ -92,6 +95,8 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "lockngen.middleware.DatabaseUnavailableMiddleware",
+    # Last, as django-axes asks: turns its lockout into the 429 page.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "lockngen.urls"
@@ -120,21 +125,56 @@ DATABASES = {
 DATABASE_FALLBACK = DATABASES["default"]["FALLBACK"]
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
-# --- Cache (rate-limit counters) -------------------------------------------
+# --- Cache, Redis and rate limits (SPEC §12) ---------------------------------
 
-REDIS_URL = env.get("REDIS_URL", "").strip()
-if REDIS_URL:
-    CACHES = {
-        "default": {
-            "BACKEND": "django.core.cache.backends.redis.RedisCache",
-            "LOCATION": REDIS_URL,
-            "OPTIONS": {"socket_connect_timeout": 2, "socket_timeout": 2},
-        }
+# Process memory: the per-process fallback of the rate-limit counters and
+# nothing shared. Shared counters live in Redis (REDIS_URL), reached through
+# lockngen.counters' own client, not through Django's cache.
+CACHES = {
+    "default": {
+        "BACKEND": "django.core.cache.backends.locmem.LocMemCache",
+        # Room for every key's and address's counter of a window while Redis
+        # is down (the default 300 would cull live counters).
+        "OPTIONS": {"MAX_ENTRIES": 100_000},
     }
-else:
-    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+}
+REDIS_URL = env.get("REDIS_URL", "").strip()
+# A sick Redis must cost a request milliseconds: connect and socket timeouts,
+# then a circuit breaker that stops trying for a few seconds.
+REDIS_TIMEOUT_SECONDS = 0.1
+REDIS_BREAKER_FAILURES = 3
+REDIS_BREAKER_RESET_SECONDS = 5.0
+
+# Failed API-key authentications one client address may make per minute
+# before 429 (0 = no limit); the address rule is lockngen.client_address.
+AUTH_FAILURES_PER_MINUTE = env_int(env, "AUTH_FAILURES_PER_MINUTE", 60)
+# Peers whose X-Forwarded-For is believed (the proxy in front).
+TRUSTED_PROXIES = parse_networks(
+    env_list("TRUSTED_PROXIES", DEFAULT_TRUSTED_PROXIES), name="TRUSTED_PROXIES"
+)
+
+# /health/ answers from a report at most this old (a flood costs one run of
+# the checks per interval and process).
+HEALTH_REPORT_SECONDS = 3.0
 
 # --- Auth, i18n, static ----------------------------------------------------
+
+# django-axes first: it refuses a locked-out address + username before the
+# password hasher runs (~230 ms of CPU per attempt).
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+ADMIN_LOGIN_FAILURES = env_int(env, "ADMIN_LOGIN_FAILURES", 5, minimum=1)
+AXES_FAILURE_LIMIT = ADMIN_LOGIN_FAILURES
+AXES_COOLOFF_TIME = timedelta(minutes=15)
+AXES_LOCKOUT_PARAMETERS = [["ip_address", "username"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_CLIENT_IP_CALLABLE = "lockngen.client_address.client_address"
+
+# The admin shows a new key's raw value once, as a message: the default
+# cookie storage would carry it signed but readable in the browser.
+MESSAGE_STORAGE = "django.contrib.messages.storage.session.SessionStorage"
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": f"django.contrib.auth.password_validation.{name}"}
@@ -268,5 +308,8 @@ LOGGING = {
         # Through the root handler only (one line, with the request id).
         "django": {"handlers": [], "level": "INFO"},
         "health_check": {"filters": ["health_warnings"]},
+        # Failed logins and lockouts are warnings; the start-up banner and
+        # per-login housekeeping lines (INFO) would reach every manage.py run.
+        "axes": {"level": "WARNING"},
     },
 }

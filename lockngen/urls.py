@@ -10,10 +10,10 @@ from lockngen.health import HealthView
 
 # /health/ (SPEC §6); /health/live and /health/ready are answered by
 # lockngen.probes.HealthProbeMiddleware before routing.
+# Our Database check, not the library's: it opens no session of its own.
 health_checks = [
-    "health_check.checks.Database",
+    "lockngen.health.Database",
     "lockngen.health.Migrations",
-    "health_check.checks.Cache",
     "lockngen.health.QueueGauges",
     "lockngen.health.DatabaseBackend",
     "lockngen.health.RateLimitCache",

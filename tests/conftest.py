@@ -30,6 +30,33 @@ def django_db_modify_db_settings(django_db_modify_db_settings_parallel_suffix):
         test["NAME"] = f"{base}_{suffix}"
 
 
+@pytest.fixture(autouse=True)
+def fresh_local_counters():
+    """Process-memory counters start empty in every test.
+
+    The test client is always 127.0.0.1: without this, failed authentications
+    of earlier tests would count against the next one's per-address limit.
+    """
+    from django.core.cache import caches
+
+    caches["default"].clear()
+
+
+@pytest.fixture
+def inside_one_minute_window():
+    """Start well inside a fixed one-minute window (rate limits, auth failures).
+
+    A test that counts up to a limit must not see the real clock roll its
+    counters over half-way.
+    """
+    import time
+
+    margin = 10  # no such test takes this long
+    left = 60 - time.time() % 60
+    if left < margin:
+        time.sleep(left + 0.05)
+
+
 @pytest.fixture(scope="session")
 def pg_cluster_session():
     """One throwaway PostgreSQL cluster for the whole run (see tests/pgcluster.py)."""

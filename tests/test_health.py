@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from http import HTTPStatus
 
 import psycopg
@@ -19,6 +20,7 @@ from tests.serving import (
     BASE_DIR,
     VENV_BIN,
     Server,
+    admin_connection,
     build_context,
     closed_port,
     connection_count,
@@ -130,7 +132,13 @@ def test_full_report_is_healthy_with_every_check_ok_and_queue_gauges(healthy):
     assert report["status"] == "healthy"
     assert set(report["checks"].values()) == {"OK"}
     checks = " ".join(report["checks"])
-    for name in ("Database", "Migrations", "Cache", "QueueGauges", "DatabaseBackend"):
+    for name in (
+        "Database",
+        "Migrations",
+        "RateLimitCache",
+        "QueueGauges",
+        "DatabaseBackend",
+    ):
         assert name in checks
     assert "ConnectionPool" not in checks  # DB_POOL is off
     assert set(report["metrics"]["queue"]) == {
@@ -176,6 +184,24 @@ def test_probes_leave_no_connection_behind(healthy, test_database):
     # Only the request threads' own persistent connections (CONN_MAX_AGE)
     # remain; a check that left its connection behind would add one per probe.
     assert connection_count(test_database, APP_NAME) <= THREADS
+
+
+def sessions_opened(database: str) -> int:
+    """Sessions ever opened on ``database`` (PostgreSQL's cumulative counter)."""
+    with admin_connection() as conn:
+        return conn.execute(
+            "SELECT sessions FROM pg_stat_database WHERE datname = %s", [database]
+        ).fetchone()[0]
+
+
+def test_report_probes_open_no_sessions_of_their_own(healthy, test_database):
+    """Each /health/ used to open 3 fresh sessions (SPEC §12)."""
+    before = sessions_opened(test_database)
+    for _ in range(PROBES):
+        assert healthy.get("/health/?format=json").status == HTTPStatus.OK
+    time.sleep(0.5)  # a closed session's statistics are flushed as it exits
+    # At most the request threads' own persistent connections, if not open yet.
+    assert sessions_opened(test_database) - before <= THREADS
 
 
 def test_pool_stats_are_reported_and_the_pool_closes_on_exit(test_database, tmp_path):
@@ -237,7 +263,7 @@ def test_local_memory_rate_limits_are_degraded(test_database, tmp_path):
         report = server.get("/health/?format=json")
     assert (ready.status, body(ready)["status"]) == (HTTPStatus.OK, "degraded")
     assert (report.status, body(report)["status"]) == (HTTPStatus.OK, "degraded")
-    assert "REDIS_URL" in body(report)["checks"]["RateLimitCache(alias='default')"]
+    assert "REDIS_URL" in body(report)["checks"]["RateLimitCache()"]
 
 
 # --- unhealthy --------------------------------------------------------------------

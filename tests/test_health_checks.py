@@ -6,6 +6,7 @@ import asyncio
 from datetime import timedelta
 
 import pytest
+from asgiref.sync import async_to_sync
 from django.db.models.functions import Now
 from health_check.base import HealthCheckResult
 from health_check.exceptions import ServiceUnavailable, ServiceWarning
@@ -22,14 +23,9 @@ from lockngen.health import (
     overall_state,
 )
 from tests.factories import make_generation
+from tests.serving import closed_port
 
-LOCMEM = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
-REDIS = {
-    "default": {
-        "BACKEND": "django.core.cache.backends.redis.RedisCache",
-        "LOCATION": "redis://127.0.0.1:6379/15",
-    }
-}
+REDIS_URL = "redis://127.0.0.1:6379/15"
 
 
 def result(error: Exception | None) -> HealthCheckResult:
@@ -73,7 +69,7 @@ def test_queue_gauges_count_queued_running_and_expired_leases():
     )
 
     check = QueueGauges()
-    check.run()
+    async_to_sync(check.run)()
 
     assert check.metrics["queued"] == 2
     assert check.metrics["running"] == 2
@@ -87,7 +83,7 @@ def test_queue_gauges_report_the_age_of_the_oldest_queued_job():
     make_generation()
     Generation.objects.filter(pk=old.pk).update(created_at=Now() - timedelta(hours=2))
     check = QueueGauges()
-    check.run()
+    async_to_sync(check.run)()
     assert check.metrics["queued"] == 2
     assert check.metrics["oldest_queued_age_seconds"] >= 7200
 
@@ -95,7 +91,7 @@ def test_queue_gauges_report_the_age_of_the_oldest_queued_job():
 @pytest.mark.django_db
 def test_empty_queue_reports_zero_age():
     check = QueueGauges()
-    check.run()
+    async_to_sync(check.run)()
     assert check.metrics == {
         "queued": 0,
         "oldest_queued_age_seconds": 0.0,
@@ -106,18 +102,25 @@ def test_empty_queue_reports_zero_age():
 
 @pytest.mark.django_db
 def test_migrations_check_passes_on_the_migrated_test_database():
-    Migrations().run()
+    async_to_sync(Migrations().run)()
 
 
 def test_rate_limits_in_local_memory_are_a_warning(settings):
-    settings.CACHES = LOCMEM
+    settings.REDIS_URL = ""
     with pytest.raises(ServiceWarning, match="REDIS_URL"):
-        asyncio.run(RateLimitCache().run())
+        RateLimitCache().run()
 
 
 def test_rate_limits_in_redis_are_fine(settings):
-    settings.CACHES = REDIS
-    asyncio.run(RateLimitCache().run())
+    settings.REDIS_URL = REDIS_URL
+    RateLimitCache().run()
+
+
+def test_an_unreachable_redis_is_a_warning_not_an_error(settings):
+    """Limits then run per process: degraded, never unhealthy (SPEC §12)."""
+    settings.REDIS_URL = f"redis://127.0.0.1:{closed_port()}/0"
+    with pytest.raises(ServiceWarning, match="Redis is unavailable"):
+        RateLimitCache().run()
 
 
 def test_sqlite_fallback_is_a_warning(settings):
