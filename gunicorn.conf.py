@@ -25,7 +25,8 @@ wsgi_app = "lockngen.wsgi:application"
 # interfaces to be reachable at all.
 bind = [f"{os.environ.get('HOST', '0.0.0.0')}:{_int('PORT', 8000)}"]  # noqa: S104
 workers = _int("WEB_CONCURRENCY", 2)
-worker_class = "gthread"
+# gthread, minus a 2 s blocking close on its event loop (lockngen.gunicorn_worker).
+worker_class = "lockngen.gunicorn_worker.ThreadWorker"
 threads = _int("GUNICORN_THREADS", 4)
 # Kept above the database's worst case (connect retries + statement_timeout),
 # which lockngen.database refuses to configure otherwise: a stuck query ends
@@ -55,15 +56,17 @@ limit_request_field_size = 8190
 # half a header and goes silent pins that thread for good; eight such
 # sockets stop a 2 x 4 server. A kernel receive/send timeout on the listening
 # socket, which accepted sockets inherit, makes each such recv()/send() fail
-# after CLIENT_TIMEOUT seconds and gunicorn closes the connection. It bounds
-# silence, not a trickle: nginx in front bounds whole headers and bodies.
-CLIENT_TIMEOUT_S = _int("GUNICORN_CLIENT_TIMEOUT", 10)
+# after CLIENT_TIMEOUT seconds and gunicorn closes the connection (5 s, like
+# gthread's own wait for a first byte). It bounds silence, not a trickle, and
+# N silent sockets still cost N / threads x 5 s of a worker: nginx in front
+# passes only whole requests and bounds headers and bodies itself.
+CLIENT_TIMEOUT_S = _int("GUNICORN_CLIENT_TIMEOUT", 5)
 
 # X-Forwarded-Proto only from the proxies the application trusts too
 # (TRUSTED_PROXIES, lockngen.settings): the same list for both.
 forwarded_allow_ips = ",".join(
     item.strip()
-    for item in os.environ.get("TRUSTED_PROXIES", "127.0.0.1,::1").split(",")
+    for item in os.environ.get("TRUSTED_PROXIES", "127.0.0.1/32,::1/128").split(",")
     if item.strip()
 )
 
