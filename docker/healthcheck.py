@@ -4,8 +4,8 @@ Used by the Dockerfile's HEALTHCHECK (``/health/live``) and by compose
 (``/health/ready``). ``/health/live`` goes to ``LIVENESS_PORT`` when it is set
 (the image sets it): each gunicorn worker answers it there from a thread of
 its own, so a busy database cannot fail the probe (lockngen.liveprobe);
-every other path goes to ``PORT``. python:3.11-slim has no curl, and starting Django for a
-probe every few seconds would cost a second of CPU each time.
+every other path goes to ``PORT``. python:3.11-slim has no curl, and starting
+Django for a probe every few seconds would cost a second of CPU each time.
 """
 
 from __future__ import annotations
