@@ -79,7 +79,7 @@ class Proxy:
 @contextlib.contextmanager
 def nginx_in_front(upstream_port: int, directory: Path) -> Iterator[Proxy]:
     binary = nginx_binary()
-    assert binary, "nginx is not installed: apt-get install -y nginx-light"
+    assert binary, "nginx is not installed: apt-get install -y nginx"
     port = free_port()
     server_file = directory / "default.conf"
     server_file.write_text(

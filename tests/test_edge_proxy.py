@@ -76,7 +76,7 @@ class Front:
 @pytest.fixture(scope="module")
 def front(tmp_path_factory) -> Iterator[Front]:
     """nginx in front of a deliberately small gunicorn (1 worker x 2 threads)."""
-    assert nginx_binary(), "nginx is not installed: apt-get install -y nginx-light"
+    assert nginx_binary(), "nginx is not installed: apt-get install -y nginx"
     with database_in(url_for("postgres"), "proxy") as name:
         url = url_for(name)
         migrate(url)
