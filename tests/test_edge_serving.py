@@ -13,6 +13,7 @@ Every load is bounded in count and time; clients are loopback only.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import resource
@@ -223,6 +224,52 @@ def test_bare_lf_requests_are_answered_or_refused_and_leave_nothing_behind(
         # Either parsed leniently or refused with a status line, never silence.
         assert re.match(rb"HTTP/1\.[01] (200|400) ", head), head
     assert_recovers(bare_gunicorn)
+
+
+def raw_exchange(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send raw bytes, read until the server closes: status, headers, body."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    headers = {
+        name.strip().lower(): value.strip()
+        for name, _, value in (line.partition(":") for line in header_lines)
+    }
+    return int(status_line.split()[1]), headers, body
+
+
+CONTROL_CHARACTER = (
+    b"GET /api/v1/keys/me HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: lk_\x01\r\n\r\n"
+)
+BAD_VERSION = b"GET /health/live HTTP/9.9\r\nHost: 127.0.0.1\r\n\r\n"
+TOO_MANY_HEADERS = (
+    b"GET /api/v1/generations HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    + b"X-Many: 1\r\n" * 60
+    + b"\r\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "reason"),
+    [
+        # A control character in a header value (RFC 9110 section 5.5).
+        (CONTROL_CHARACTER, 400, "Bad Request"),
+        (BAD_VERSION, 400, "Bad Request"),
+        (TOO_MANY_HEADERS, 431, "Request Header Fields Too Large"),
+    ],
+    ids=["control-character", "http-version", "too-many-headers"],
+)
+def test_requests_gunicorn_refuses_itself_are_refused_in_json(
+    bare_gunicorn, request_bytes, status, reason
+):
+    got, headers, body = raw_exchange(bare_gunicorn.server.port, request_bytes)
+    assert got == status
+    assert headers["content-type"] == "application/json"
+    assert json.loads(body) == {"detail": reason}
 
 
 # --- liveness under a busy database ----------------------------------------------
