@@ -118,6 +118,8 @@ class QuietClientTimeouts(logging.Filter):
 
 
 def post_worker_init(worker: Any) -> None:
+    """In each worker before it accepts: client timeouts, the log filter and
+    the liveness side port."""
     timeval = struct.pack("ll", CLIENT_TIMEOUT_S, 0)
     for listener in worker.sockets:
         for option in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
