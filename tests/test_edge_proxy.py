@@ -29,7 +29,7 @@ from tests.liveserver import (
     migrate,
 )
 from tests.proxy import Proxy, nginx_binary, nginx_in_front
-from tests.serving import url_for
+from tests.serving import closed_port, url_for
 
 ATTACKER = "127.0.0.2"
 BURSTER = "127.0.0.3"
@@ -211,3 +211,19 @@ def test_slowloris_through_nginx_does_not_disturb_other_clients(front):
         for sock in sockets:
             sock.close()
     assert answers == [200] * 10, answers
+
+
+def test_nginx_answers_503_json_while_the_service_is_down(tmp_path):
+    """Nothing listens behind it: nginx's own 502 becomes a JSON 503."""
+    with nginx_in_front(closed_port(), tmp_path) as proxy:
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+        try:
+            conn.request("GET", "/api/v1/keys/me", headers=PROXY_HEADERS)
+            reply = conn.getresponse()
+            status, headers, body = reply.status, reply.headers, reply.read()
+        finally:
+            conn.close()
+    assert status == 503
+    assert headers["Content-Type"] == "application/json"
+    assert headers["Retry-After"]
+    assert json.loads(body) == {"detail": "Service temporarily unavailable."}
