@@ -14,6 +14,7 @@ import http.client
 import json
 import re
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -227,3 +228,64 @@ def test_nginx_answers_503_json_while_the_service_is_down(tmp_path):
     assert headers["Content-Type"] == "application/json"
     assert headers["Retry-After"]
     assert json.loads(body) == {"detail": "Service temporarily unavailable."}
+
+
+@contextlib.contextmanager
+def silent_upstream() -> Iterator[int]:
+    """A server that accepts connections and never answers: requests nginx
+    passes to it stay in flight until the test ends."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                held.append(listener.accept()[0])
+
+    thread = threading.Thread(target=accept)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        for sock in held:
+            sock.close()
+        listener.close()
+
+
+def test_one_address_gets_at_most_twenty_requests_in_flight(tmp_path):
+    request = b"GET /api/v1/generations HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    with silent_upstream() as upstream, nginx_in_front(upstream, tmp_path) as proxy:
+        clients = []
+        try:
+            for _ in range(20):
+                sock = socket.create_connection(
+                    ("127.0.0.1", proxy.port), timeout=5, source_address=(ATTACKER, 0)
+                )
+                sock.sendall(request)
+                clients.append(sock)
+            time.sleep(0.5)  # all twenty passed on and waiting upstream
+            conn = http.client.HTTPConnection(
+                "127.0.0.1", proxy.port, timeout=5, source_address=(ATTACKER, 0)
+            )
+            conn.request("GET", "/api/v1/generations")
+            refused = conn.getresponse()
+            refused_body = refused.read()
+            conn.close()
+            # Another address is not limited by the first one's requests:
+            # its request is passed on too (and waits like the others).
+            other = socket.create_connection(
+                ("127.0.0.1", proxy.port), timeout=1, source_address=(BURSTER, 0)
+            )
+            clients.append(other)
+            other.sendall(request)
+            with pytest.raises(TimeoutError):
+                other.recv(64)
+        finally:
+            for sock in clients:
+                sock.close()
+    assert refused.status == 429
+    assert json.loads(refused_body)["detail"]
