@@ -1,10 +1,10 @@
 """Debian's nginx with the shipped config (docker/nginx/) in front of a test server.
 
 The http-context file is rendered exactly as the official image's envsubst
-step renders it, for its two variables only; the top-level file around it
-holds what the image's own nginx.conf holds (worker, pid, log and temp
-paths), pointed into a scratch directory. Loopback only; the process is
-always stopped by the context manager that started it.
+step renders it, for its two variables only; the shipped top-level
+``nginx.conf`` has its paths (pid, error log, conf.d, temp files) pointed
+into a scratch directory. Loopback only; the process is always stopped by
+the context manager that started it.
 """
 
 from __future__ import annotations
@@ -42,23 +42,31 @@ def render(values: dict[str, str]) -> str:
     return text
 
 
+TOP_LEVEL = BASE_DIR / "docker" / "nginx" / "nginx.conf"
+
+
 def top_level_config(directory: Path, server_file: Path) -> str:
-    user = "user root root;\n" if os.geteuid() == 0 else ""
+    """docker/nginx/nginx.conf with its paths moved into ``directory``."""
+    text = TOP_LEVEL.read_text()
+    paths = {
+        "/run/nginx.pid": directory / "nginx.pid",
+        "/var/log/nginx/error.log": directory / "error.log",
+        "/etc/nginx/conf.d/*.conf": server_file,
+    }
+    for shipped, scratch in paths.items():
+        assert shipped in text, shipped
+        text = text.replace(shipped, str(scratch))
+    # The image's unprivileged user; as root here, workers may stay root
+    # (the scratch directory is private to this user).
+    user = "user root root;" if os.geteuid() == 0 else ""
+    assert "user nginx;" in text
+    text = text.replace("user nginx;", user)
     temp = "\n".join(
         f"    {kind}_temp_path {directory / kind};"
         for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
     )
-    return (
-        f"{user}worker_processes 1;\n"
-        f"pid {directory / 'nginx.pid'};\n"
-        f"error_log {directory / 'error.log'} warn;\n"
-        "events { worker_connections 4096; }\n"
-        "http {\n"
-        "    default_type application/octet-stream;\n"
-        f"{temp}\n"
-        f"    include {server_file};\n"
-        "}\n"
-    )
+    # Debian's compiled-in temp paths are shared by every nginx on the host.
+    return text.replace("http {\n", "http {\n" + temp + "\n", 1)
 
 
 @dataclass

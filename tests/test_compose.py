@@ -189,6 +189,7 @@ def test_the_proxy_is_the_only_published_http_port():
 def test_the_proxy_runs_the_shipped_nginx_config_for_every_api_service():
     assert PROXY["image"].startswith("nginx:")
     assert "./docker/nginx/templates:/etc/nginx/templates:ro" in PROXY["volumes"]
+    assert "./docker/nginx/nginx.conf:/etc/nginx/nginx.conf:ro" in PROXY["volumes"]
     assert sorted(path.name for path in NGINX_TEMPLATES.iterdir()) == [
         "default.conf.template"
     ]

@@ -31,6 +31,7 @@ from tests.liveserver import (
 )
 from tests.proxy import Proxy, nginx_binary, nginx_in_front
 from tests.serving import closed_port, url_for
+from tests.test_edge_serving import FLOOD_SOCKETS, raise_open_file_limit
 
 ATTACKER = "127.0.0.2"
 BURSTER = "127.0.0.3"
@@ -289,3 +290,26 @@ def test_one_address_gets_at_most_twenty_requests_in_flight(tmp_path):
                 sock.close()
     assert refused.status == 429
     assert json.loads(refused_body)["detail"]
+
+
+def test_an_idle_connection_flood_on_nginx_does_not_disturb_other_clients(front):
+    """2,100 sockets from one address opened and held: nginx holds them in its
+    event loop (none has sent a request, so gunicorn never sees one) and
+    other clients are answered throughout."""
+    raise_open_file_limit(FLOOD_SOCKETS + 256)
+    sockets = []
+    try:
+        for _ in range(FLOOD_SOCKETS):
+            sockets.append(
+                socket.create_connection(
+                    ("127.0.0.1", front.proxy.port),
+                    timeout=10,
+                    source_address=(ATTACKER, 0),
+                )
+            )
+        during = [front.request("GET", "/health/live", timeout=2)[0] for _ in range(5)]
+    finally:
+        for sock in sockets:
+            sock.close()
+    assert during == [200] * 5
+    assert front.request("GET", "/health/live", timeout=2)[0] == 200
