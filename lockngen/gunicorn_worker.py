@@ -1,25 +1,27 @@
-"""gunicorn's gthread worker: no blocking close on its event loop, JSON refusals.
+"""gunicorn's gthread worker: lingering closes off its event loop, JSON refusals.
 
 gunicorn 27.0.1's ``ThreadWorker.finish_request`` runs on the worker's one
 event-loop thread and ends every connection it does not keep alive with
-``util.close_graceful``: half-close, then wait up to 2 s for the client's
-FIN. A client that sends ``Connection: close`` (or a bad request) and then
-neither reads nor hangs up stalls that loop for the whole 2 s: no accept, no
-keep-alive dispatch, no finished request handed back. Ten such sockets kept
-a worker silent for 20 s (tests/test_edge_serving.py). Here the close still
-half-closes first and drains whatever request bytes already sit in the
-kernel buffer (the RST that ``close_graceful`` avoids comes from unread
-data), but never waits for the peer.
+``util.close_graceful``: half-close, then block up to 2 s reading until the
+client's FIN. A client that sends ``Connection: close`` (or a bad request)
+and then neither reads nor hangs up stalls that loop for the whole 2 s: no
+accept, no keep-alive dispatch, no finished request handed back. Ten such
+sockets kept a worker silent for 20 s (tests/test_edge_serving.py). Here the
+lingering close (RFC 9112 section 9.6: let the client finish sending, or the
+kernel's RST can destroy the answer it has not read yet, e.g. a 413 for a
+body it is still sending) happens in the poller instead, as nginx's
+lingering close does: half-close, then drain on each readable event, close
+on EOF, after LINGER_MAX_BYTES or after LINGER_S.
 
 Its own refusals (a request it cannot parse: bad request line, a control
-character in a header, oversized headers; or an application error before the
+character in a header, too many headers; or an application error before the
 response started) are HTML pages in gunicorn. Here they leave as
-``{"detail": "<reason>"}`` with the same status, like every other error of the
-service (SPEC §12: nothing a client sends produces an HTML page).
+``{"detail": "<reason>"}`` with the same status, like every other error of
+the service (SPEC §12: nothing a client sends produces an HTML page).
 
 Hand-written because gunicorn has no setting for either; only public names
-of the worker are used (``finish_request``, ``handle_error``, ``nr_conns``,
-``conn.sock``).
+of the worker are used (``finish_request``, ``murder_keepalived``,
+``handle_error``, ``poller``, ``nr_conns``, ``conn.sock``).
 """
 
 from __future__ import annotations
@@ -27,15 +29,22 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import selectors
 import socket
+import time
 from concurrent.futures import Future
+from functools import partial
 from typing import Any
 
 from gunicorn.workers.gthread import ThreadWorker as GunicornThreadWorker
 
-# Bytes of an unread request drained before closing; past that the client is
-# still streaming and an RST is what it gets.
-MAX_DRAIN_BYTES = 65536
+# A closed connection drains what the client still sends for at most this
+# long and this much (gunicorn's own close waited 2 s on the loop, 64 KiB);
+# past either the client gets an RST. Draining costs the loop one recv() per
+# 64 KiB, like nginx's lingering close.
+LINGER_S = 2.0
+LINGER_MAX_BYTES = 4 * 1024 * 1024
+DRAIN_CHUNK = 65536
 
 
 STATUS_LINE = re.compile(rb"HTTP/1\.1 (\d{3}) ([^\r\n]*)\r\n")
@@ -70,23 +79,14 @@ class JsonErrorSocket:
         )
 
 
-def close_without_lingering(sock: socket.socket) -> None:
-    try:
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_WR)
-            sock.setblocking(False)
-            drained = 0
-            while drained < MAX_DRAIN_BYTES:
-                data = sock.recv(8192)  # BlockingIOError once the buffer is empty
-                if not data:
-                    break
-                drained += len(data)
-    finally:
-        with contextlib.suppress(OSError):
-            sock.close()
-
-
 class ThreadWorker(GunicornThreadWorker):
+    """gthread whose closes linger in the poller, and whose refusals are JSON."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Half-closed sockets still draining the client's request: deadline each.
+        self.lingering: dict[socket.socket, float] = {}
+
     def finish_request(self, conn: Any, fs: Future) -> None:
         # handle() returns False for "close this connection"; keep-alive,
         # deferral and errors keep gunicorn's own handling.
@@ -94,7 +94,51 @@ class ThreadWorker(GunicornThreadWorker):
             super().finish_request(conn, fs)
             return
         self.nr_conns -= 1
-        close_without_lingering(conn.sock)
+        self.linger(conn.sock)
+
+    def linger(self, sock: socket.socket) -> None:
+        """Half-close, then drain from the poller until EOF, LINGER_MAX_BYTES
+        or LINGER_S, then close."""
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            sock.setblocking(False)
+            budget = [LINGER_MAX_BYTES]
+            self.poller.register(
+                sock, selectors.EVENT_READ, partial(self.drain, sock, budget)
+            )
+        except (OSError, ValueError, KeyError):
+            with contextlib.suppress(OSError):
+                sock.close()
+            return
+        self.lingering[sock] = time.monotonic() + LINGER_S
+
+    def drain(self, sock: socket.socket, budget: list[int], _fileobj: Any) -> None:
+        try:
+            data = sock.recv(DRAIN_CHUNK)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        budget[0] -= len(data)
+        if data and budget[0] > 0:
+            return
+        self.end_linger(sock)
+
+    def end_linger(self, sock: socket.socket) -> None:
+        self.lingering.pop(sock, None)
+        with contextlib.suppress(KeyError, ValueError, OSError):
+            self.poller.unregister(sock)
+        with contextlib.suppress(OSError):
+            sock.close()
+
+    def murder_keepalived(self, force: bool = False) -> None:
+        # Called by the worker's loop every second (and with force=True on the
+        # way out): expired lingering closes end here too.
+        super().murder_keepalived(force)
+        now = time.monotonic()
+        for sock, deadline in list(self.lingering.items()):
+            if force or deadline <= now:
+                self.end_linger(sock)
 
     def handle_error(
         self, req: Any, client: Any, addr: Any, exc: BaseException

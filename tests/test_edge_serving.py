@@ -193,6 +193,33 @@ def test_clients_that_never_hang_up_after_connection_close_do_not_stall_the_loop
         assert_recovers(one_worker)
 
 
+def test_a_client_still_sending_a_refused_body_gets_the_answer(bare_gunicorn):
+    """The view answers 401 without reading the 1 MiB body and the connection
+    closes: closing with unread bytes makes the kernel send RST, and a client
+    that sends its whole body before reading loses the answer. gunicorn
+    27.0.1 drains 64 KiB at most before it closes."""
+    piece, pieces = b"x" * 65536, 32  # 2 MiB, paced like a real upload
+    head = (
+        "POST /api/v1/keys/me HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        "X-Forwarded-Proto: https\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(piece) * pieces}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", bare_gunicorn.server.port)) as sock:
+        sock.settimeout(10)
+        sock.sendall(head)
+        for _ in range(pieces):
+            sock.sendall(piece)  # ConnectionResetError / BrokenPipeError: lost
+            time.sleep(0.02)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    status, headers, reply = parse_response(received)
+    assert status == 401
+    assert headers["content-type"] == "application/json"
+    assert json.loads(reply)["detail"]
+    assert_recovers(bare_gunicorn)
+
+
 def test_pipelined_requests_are_all_answered_and_leave_nothing_behind(bare_gunicorn):
     port = bare_gunicorn.server.port
     request = b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
@@ -233,6 +260,10 @@ def raw_exchange(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]
         received = b""
         while chunk := sock.recv(65536):
             received += chunk
+    return parse_response(received)
+
+
+def parse_response(received: bytes) -> tuple[int, dict[str, str], bytes]:
     head, _, body = received.partition(b"\r\n\r\n")
     status_line, *header_lines = head.decode("latin-1").split("\r\n")
     headers = {
