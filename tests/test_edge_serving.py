@@ -194,7 +194,7 @@ def test_clients_that_never_hang_up_after_connection_close_do_not_stall_the_loop
 
 
 def test_a_client_still_sending_a_refused_body_gets_the_answer(bare_gunicorn):
-    """The view answers 401 without reading the 2 MiB body and the connection
+    """The service refuses without reading the 2 MiB body and the connection
     closes: closing with unread bytes makes the kernel send RST, and a client
     that sends its whole body before reading loses the answer. gunicorn
     27.0.1 drains 64 KiB at most before it closes."""
@@ -214,7 +214,9 @@ def test_a_client_still_sending_a_refused_body_gets_the_answer(bare_gunicorn):
         while chunk := sock.recv(65536):
             received += chunk
     status, headers, reply = parse_response(received)
-    assert status == 401
+    # 401 (no key) here; a body-size gate in front of the view answers 413:
+    # either way a refusal, and it must arrive.
+    assert status in (401, 413)
     assert headers["content-type"] == "application/json"
     assert json.loads(reply)["detail"]
     assert_recovers(bare_gunicorn)
