@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 
-from lockngen.database import ConfigError
+from lockngen.env import ConfigError
 
 if TYPE_CHECKING:  # settings.py imports this module: keep its imports light
     from django.http import HttpRequest

@@ -13,41 +13,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import dj_database_url
-from django.core.exceptions import ImproperlyConfigured
+
+from lockngen.env import ConfigError, env_bool, env_int
 
 POSTGRES_ENGINES = {"django.db.backends.postgresql", "lockngen.db"}
 SQLITE_FALLBACK = Path("var") / "lockngen.sqlite3"
 APPLICATION_NAME = "lockngen"
-
-
-class ConfigError(ImproperlyConfigured):
-    """A configuration mistake reported to operators as one line, no traceback."""
-
-
-def env_int(
-    env: Mapping[str, str], name: str, default: int, *, minimum: int = 0
-) -> int:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
-    if value < minimum:
-        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def env_bool(env: Mapping[str, str], name: str, default: bool = False) -> bool:
-    raw = env.get(name, "").strip().lower()
-    if not raw:
-        return default
-    if raw in {"1", "true", "yes", "on"}:
-        return True
-    if raw in {"0", "false", "no", "off"}:
-        return False
-    raise ConfigError(f"{name} must be a boolean (1/0, true/false), got {raw!r}")
 
 
 def redact_url(url: str) -> str:

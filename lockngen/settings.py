@@ -15,7 +15,8 @@ from dotenv import load_dotenv
 
 from apikeys.keys import DEFAULT_DEV_API_KEY, is_valid_format
 from lockngen.client_address import DEFAULT_TRUSTED_PROXIES, parse_networks
-from lockngen.database import ConfigError, database_config, env_bool, env_int
+from lockngen.database import database_config
+from lockngen.env import ConfigError, env_bool, env_int, env_list
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 load_dotenv(BASE_DIR / ".env", override=False)
@@ -39,15 +40,11 @@ if PRODUCTION:
         )
 
 
-def env_list(name: str, default: str = "") -> list[str]:
-    return [item.strip() for item in env.get(name, default).split(",") if item.strip()]
-
-
 # --- Core ------------------------------------------------------------------
 
 DEV_SECRET_KEY = "django-insecure-lockngen-development-only-never-use-in-production"  # noqa: S105
 SECRET_KEY = env.get("SECRET_KEY", "").strip()
-ALLOWED_HOSTS = env_list("ALLOWED_HOSTS")
+ALLOWED_HOSTS = env_list(env, "ALLOWED_HOSTS")
 if PRODUCTION:
     DEBUG = False  # never, whatever DEBUG says
 else:
@@ -55,7 +52,7 @@ else:
     ALLOWED_HOSTS = ALLOWED_HOSTS or ["localhost", "127.0.0.1", "[::1]"]
     DEBUG = env_bool(env, "DEBUG", default=True)
 
-CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS")
+CSRF_TRUSTED_ORIGINS = env_list(env, "CSRF_TRUSTED_ORIGINS")
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -74,7 +71,7 @@ INSTALLED_APPS = [
     "apikeys",
     "generations",
     # Test-only apps (tests/migration_app), never set in deployments.
-    *env_list("LOCKNGEN_EXTRA_APPS"),
+    *env_list(env, "LOCKNGEN_EXTRA_APPS"),
 ]
 
 MIDDLEWARE = [
@@ -150,7 +147,7 @@ REDIS_BREAKER_RESET_SECONDS = 5.0
 AUTH_FAILURES_PER_MINUTE = env_int(env, "AUTH_FAILURES_PER_MINUTE", 60)
 # Peers whose X-Forwarded-For is believed (the proxy in front).
 TRUSTED_PROXIES = parse_networks(
-    env_list("TRUSTED_PROXIES", DEFAULT_TRUSTED_PROXIES), name="TRUSTED_PROXIES"
+    env_list(env, "TRUSTED_PROXIES", DEFAULT_TRUSTED_PROXIES), name="TRUSTED_PROXIES"
 )
 
 # /health/ answers from a report at most this old (a flood costs one run of

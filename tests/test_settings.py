@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from lockngen.database import ConfigError, database_config, redact_url
+from lockngen.database import database_config, redact_url
+from lockngen.env import ConfigError
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 URL = "postgres://lockn:s3cr3t-pw@db.example:6543/lockngen"
