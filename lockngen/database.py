@@ -33,9 +33,18 @@ def redact_url(url: str) -> str:
     return f"{parts.scheme}://{user}{host}{port}{parts.path}"
 
 
+def connect_retry_delay(failed_attempts: int) -> float:
+    """The wait after the n-th failed connection attempt: 0.1 s doubling, at most 2 s.
+
+    The one schedule: the backend (lockngen.db.base) sleeps it between attempts
+    and database_config() counts it in the worst case it checks.
+    """
+    return min(0.1 * 2 ** (failed_attempts - 1), 2.0)
+
+
 def connect_retry_delays(retries: int) -> list[float]:
-    """The backoff between connection attempts: 0.1 s doubling, at most 2 s."""
-    return [min(0.1 * 2**attempt, 2.0) for attempt in range(retries)]
+    """Every wait of ``retries`` retries, in order."""
+    return [connect_retry_delay(attempt) for attempt in range(1, retries + 1)]
 
 
 def database_config(
