@@ -12,6 +12,8 @@ from django.db.models.functions import Now
 
 from lockngen.softdelete import SoftDeleteManager, SoftDeleteModel, SoftDeleteQuerySet
 
+# Requests per minute of a key created without one (0 = unlimited).
+DEFAULT_RATE_LIMIT = 100
 # The annotation ``ApiKeyQuerySet.with_is_active`` adds.
 IS_ACTIVE_NOW = "is_active_now"
 
@@ -48,8 +50,8 @@ class ApiKey(SoftDeleteModel):
     key_prefix = models.CharField(max_length=16, unique=True, editable=False)
     is_admin = models.BooleanField(default=False, db_default=False)
     rate_limit = models.IntegerField(
-        default=100,
-        db_default=100,
+        default=DEFAULT_RATE_LIMIT,
+        db_default=DEFAULT_RATE_LIMIT,
         validators=[MinValueValidator(0)],
         help_text="Requests per minute; 0 = unlimited (workers).",
     )

@@ -19,7 +19,7 @@ from apikeys.keys import (
     is_valid_format,
     key_prefix,
 )
-from apikeys.models import IS_ACTIVE_NOW, ApiKey
+from apikeys.models import DEFAULT_RATE_LIMIT, IS_ACTIVE_NOW, ApiKey
 from lockngen.prepared import PreparedQuery
 
 logger = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ def api_key_create(
     *,
     name: str,
     is_admin: bool = False,
-    rate_limit: int = 100,
+    rate_limit: int = DEFAULT_RATE_LIMIT,
     expires_at: datetime | None = None,
     expires_in: timedelta | None = None,
 ) -> tuple[ApiKey, str]:

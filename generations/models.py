@@ -77,7 +77,8 @@ class Status(models.IntegerChoices):
 
     @classmethod
     def terminal(cls) -> frozenset[Status]:
-        return frozenset({cls.COMPLETED, cls.FAILED, cls.CANCELLED})
+        """The states with no way out (derived from ``TRANSITIONS``)."""
+        return frozenset(state for state, targets in TRANSITIONS.items() if not targets)
 
 
 # The status machine (SPEC §3): the only transitions that may ever happen.
@@ -115,6 +116,12 @@ class InvalidTransition(Exception):
         )
 
 
+def expired_lease() -> Q:
+    """The one definition of an expired lease: running, and its lease ended
+    before the database's now (SPEC §11 one clock)."""
+    return Q(status=Status.RUNNING, lease_expires_at__lt=Now())
+
+
 class GenerationQuerySet(SoftDeleteQuerySet):
     def for_key(self, api_key: Any) -> GenerationQuerySet:
         """What a key may see: its own generations; an admin key sees all."""
@@ -124,9 +131,7 @@ class GenerationQuerySet(SoftDeleteQuerySet):
         return self.filter(status=Status.QUEUED).order_by("created_at", "id")
 
     def expired_leases(self) -> GenerationQuerySet:
-        return self.filter(status=Status.RUNNING, lease_expires_at__lt=Now()).order_by(
-            "lease_expires_at", "id"
-        )
+        return self.filter(expired_lease()).order_by("lease_expires_at", "id")
 
     def transition(self, target: Status, *, lease_seconds: int = 0) -> int:
         """Move every row that may reach ``target`` there, in one UPDATE."""

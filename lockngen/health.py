@@ -35,7 +35,6 @@ from django.db import DatabaseError, connections
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.migrations.executor import MigrationExecutor
 from django.db.models import Count, Min, Q
-from django.db.models.functions import Now
 from django.dispatch import receiver
 from django.http import HttpResponse, JsonResponse
 from django.utils import timezone
@@ -260,7 +259,7 @@ class QueueGauges(MeasuredCheck):
         await on_request_thread(self.check)
 
     def check(self) -> None:
-        from generations.models import Generation, Status
+        from generations.models import Generation, Status, expired_lease
 
         queued, running = Q(status=Status.QUEUED), Q(status=Status.RUNNING)
         try:
@@ -273,7 +272,7 @@ class QueueGauges(MeasuredCheck):
                     queued=Count("pk", filter=queued),
                     oldest=Min("created_at", filter=queued),
                     running=Count("pk", filter=running),
-                    expired=Count("pk", filter=running & Q(lease_expires_at__lt=Now())),
+                    expired=Count("pk", filter=expired_lease()),
                 )
             )
         except DatabaseError as exc:

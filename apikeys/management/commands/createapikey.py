@@ -5,7 +5,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from apikeys.models import ApiKey
+from apikeys.models import DEFAULT_RATE_LIMIT, ApiKey
 from apikeys.services import api_key_create
 
 NAME_MAX_LENGTH = ApiKey._meta.get_field("name").max_length
@@ -39,9 +39,9 @@ class Command(BaseCommand):
         parser.add_argument(
             "--rate-limit",
             type=non_negative,
-            default=100,
+            default=DEFAULT_RATE_LIMIT,
             metavar="N",
-            help="requests per minute; 0 = unlimited (default 100)",
+            help="requests per minute; 0 = unlimited (default %(default)s)",
         )
         parser.add_argument(
             "--expires-in-days",
