@@ -6,7 +6,7 @@ not itself a trusted proxy (every hop to its right was appended by a proxy we
 trust, every hop to its left could have been written by the client). Anyone
 else is their socket peer, whatever headers they send, so a client cannot
 choose the address its failures are counted under. The failed-auth limit
-(``apikeys.auth``) and django-axes (``AXES_CLIENT_IP_CALLABLE``) both call
+(``apikeys.ratelimit``) and django-axes (``AXES_CLIENT_IP_CALLABLE``) both call
 :func:`client_address`.
 
 Hand-written on :mod:`ipaddress` because django-ipware, which axes offers,

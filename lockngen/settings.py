@@ -238,7 +238,7 @@ if not is_valid_format(LOCKNGEN_DEV_API_KEY):
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["apikeys.auth.ApiKeyAuthentication"],
     "DEFAULT_PERMISSION_CLASSES": ["apikeys.auth.HasApiKey"],
-    "DEFAULT_THROTTLE_CLASSES": [],  # the per-key limit lives in apikeys.auth
+    "DEFAULT_THROTTLE_CLASSES": [],  # the per-key limit lives in apikeys.ratelimit
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     # JSON with bounded size, depth and keys, no lone surrogates (SPEC §12).
     "DEFAULT_PARSER_CLASSES": ["lockngen.inbound.BoundedJSONParser"],
