@@ -19,6 +19,7 @@ from django.core.validators import (
     MinValueValidator,
 )
 from django.db import models
+from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import Case, F, Q, When
 from django.db.models.functions import Mod, Now
 from django.db.models.lookups import Exact
@@ -54,7 +55,7 @@ def validate_multiple_of_8(value: int) -> None:
 class RealField(models.FloatField):
     """Single-precision ``real`` in PostgreSQL, as the seed schema has it."""
 
-    def db_type(self, connection) -> str:  # type: ignore[no-untyped-def]
+    def db_type(self, connection: BaseDatabaseWrapper) -> str:
         if connection.vendor == "postgresql":
             return "real"
         return super().db_type(connection)
@@ -63,7 +64,9 @@ class RealField(models.FloatField):
 class RandomUUID(PostgresRandomUUID):
     """A fresh random uuid made by the database, one per row of an UPDATE."""
 
-    def as_sqlite(self, compiler, connection, **extra_context):  # type: ignore[no-untyped-def]
+    def as_sqlite(
+        self, compiler: Any, connection: BaseDatabaseWrapper, **extra_context: Any
+    ) -> tuple[str, list[Any]]:
         # Django stores a UUIDField as 32 hex digits on SQLite.
         return "lower(hex(randomblob(16)))", []
 
@@ -139,7 +142,7 @@ class GenerationQuerySet(SoftDeleteQuerySet):
             **transition_values(target, lease_seconds=lease_seconds)
         )
 
-    transition.alters_data = True  # type: ignore[attr-defined]
+    transition.alters_data = True
 
     def soft_delete_values(self) -> dict[str, Any]:
         """Soft-deleting a queued or running job cancels it in the same UPDATE.
@@ -158,7 +161,7 @@ class GenerationQuerySet(SoftDeleteQuerySet):
         return super().soft_delete_values() | cancel
 
 
-class GenerationManager(SoftDeleteManager.from_queryset(GenerationQuerySet)):  # type: ignore[misc]
+class GenerationManager(SoftDeleteManager.from_queryset(GenerationQuerySet)):
     pass
 
 
@@ -364,7 +367,9 @@ class DurationMs(models.Func):
         " * 1000))::integer END)"
     )
 
-    def as_sqlite(self, compiler, connection, **extra_context):  # type: ignore[no-untyped-def]
+    def as_sqlite(
+        self, compiler: Any, connection: BaseDatabaseWrapper, **extra_context: Any
+    ) -> tuple[str, list[Any]]:
         return super().as_sql(
             compiler,
             connection,

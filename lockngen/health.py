@@ -398,7 +398,7 @@ class HealthView(HealthCheckView):
         self.remembered = await report.results(super().get_checks)
         return await super().get(request, *args, **kwargs)
 
-    def get_checks(self) -> list[Remembered]:  # type: ignore[override]
+    def get_checks(self) -> list[Remembered]:
         return [Remembered(result) for result in self.remembered]
 
     @property
