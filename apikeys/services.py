@@ -143,6 +143,11 @@ def _touch_last_used(api_key: ApiKey) -> None:
         api_key.refresh_from_db(fields=["last_used_at"])
 
 
+def dev_api_key() -> str:
+    """The raw development key: ``LOCKNGEN_DEV_API_KEY``, else the documented one."""
+    return settings.LOCKNGEN_DEV_API_KEY or DEFAULT_DEV_API_KEY
+
+
 def api_key_seed_dev(*, raw_key: str | None = None) -> ApiKey | None:
     """Ensure the development admin key exists; idempotent.
 
@@ -151,7 +156,7 @@ def api_key_seed_dev(*, raw_key: str | None = None) -> ApiKey | None:
     """
     if settings.PRODUCTION:
         return None
-    raw_key = raw_key or settings.LOCKNGEN_DEV_API_KEY
+    raw_key = raw_key or dev_api_key()
     manager = ApiKey.all_objects
     with transaction.atomic():
         existing = manager.filter(key_hash=hash_key(raw_key)).first()

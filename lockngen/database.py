@@ -58,7 +58,7 @@ def database_config(
                 "DATABASE_URL is required when LOCKNGEN_ENV=production "
                 "(e.g. postgres://lockn:secret@db:5432/lockngen)"
             )
-        (base_dir / SQLITE_FALLBACK).parent.mkdir(parents=True, exist_ok=True)
+        # Its directory is made at start-up (lockngen.apps), not here.
         return {
             "ENGINE": "django.db.backends.sqlite3",
             "NAME": str(base_dir / SQLITE_FALLBACK),

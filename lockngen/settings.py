@@ -6,14 +6,12 @@ may supply variables; the real environment wins over it.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from datetime import timedelta
 from pathlib import Path
 
 from dotenv import load_dotenv
 
-from apikeys.keys import DEFAULT_DEV_API_KEY, is_valid_format
 from lockngen.client_address import DEFAULT_TRUSTED_PROXIES, parse_networks
 from lockngen.database import database_config
 from lockngen.env import ConfigError, env_bool, env_int, env_list
@@ -70,9 +68,11 @@ INSTALLED_APPS = [
     "lockngen",
     "apikeys",
     "generations",
-    # Test-only apps (tests/migration_app), never set in deployments.
-    *env_list(env, "LOCKNGEN_EXTRA_APPS"),
 ]
+if not PRODUCTION:
+    # Test-only: tests/test_migrations.py installs tests.migration_app in its
+    # manage.py subprocesses this way. Ignored in production.
+    INSTALLED_APPS += env_list(env, "LOCKNGEN_EXTRA_APPS")
 
 MIDDLEWARE = [
     # Outermost: every response (probes included) gets an X-Request-ID, and
@@ -189,11 +189,7 @@ USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "static/"
-STATIC_ROOT = BASE_DIR / "var" / "static"
-# WhiteNoise warns on every start when STATIC_ROOT is missing (before the
-# first collectstatic); the image collects at build time, development need not.
-with contextlib.suppress(OSError):
-    STATIC_ROOT.mkdir(parents=True, exist_ok=True)
+STATIC_ROOT = BASE_DIR / "var" / "static"  # created at start-up (lockngen.apps)
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {
@@ -221,16 +217,9 @@ if PRODUCTION:
 LEASE_SECONDS = env_int(env, "LEASE_SECONDS", 300, minimum=1)
 MAX_ATTEMPTS = env_int(env, "MAX_ATTEMPTS", 3, minimum=1)
 
-LOCKNGEN_DEV_API_KEY = (
-    env.get("LOCKNGEN_DEV_API_KEY", "").strip() or DEFAULT_DEV_API_KEY
-)
-if not is_valid_format(LOCKNGEN_DEV_API_KEY):
-    # Never echo the value: it is a credential.
-    raise ConfigError(
-        "LOCKNGEN_DEV_API_KEY must look like lk_<8 letters/digits>_<32+ URL-safe "
-        'characters>; generate one with: python -c "from apikeys.keys import '
-        'generate_key; print(generate_key())"'
-    )
+# Empty: the documented default key (apikeys.keys.DEFAULT_DEV_API_KEY). The
+# apikeys app checks the format when Django starts (apikeys.apps).
+LOCKNGEN_DEV_API_KEY = env.get("LOCKNGEN_DEV_API_KEY", "").strip()
 
 # --- REST API (SPEC §5) ------------------------------------------------------
 

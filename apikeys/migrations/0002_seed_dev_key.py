@@ -14,13 +14,14 @@ from django.conf import settings
 from django.db import migrations
 
 DEV_KEY_NAME = "development admin key"
+DEFAULT_DEV_API_KEY = "lk_devkey00_insecure-development-key-do-not-deploy"
 PREFIX_LENGTH = 11  # "lk_" + 8 alphanumerics
 
 
 def seed(apps, schema_editor):
     if settings.PRODUCTION:
         return
-    raw_key = settings.LOCKNGEN_DEV_API_KEY
+    raw_key = settings.LOCKNGEN_DEV_API_KEY or DEFAULT_DEV_API_KEY
     key_hash = hashlib.sha256(raw_key.encode()).hexdigest()
     prefix = raw_key[:PREFIX_LENGTH]
     keys = apps.get_model("apikeys", "ApiKey").objects.using(
