@@ -39,6 +39,10 @@ from django.http import HttpResponse, JsonResponse
 from health_check.base import HealthCheck, HealthCheckResult
 from health_check.exceptions import ServiceUnavailable, ServiceWarning
 from health_check.views import HealthCheckView
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily, Metric, StateSetMetricFamily
+from prometheus_client.openmetrics import exposition as openmetrics_exposition
+from prometheus_client.registry import Collector
 from redis import RedisError
 
 from lockngen.counters import counters
@@ -424,40 +428,74 @@ class HealthView(HealthCheckView):
         )
 
     def render_to_response_openmetrics(self) -> HttpResponse:
-        response = super().render_to_response_openmetrics()
-        state = self.state
-        lines = response.content.decode().rstrip("\n").split("\n")
-        if lines[-1] == "# EOF":
-            lines.pop()
-        lines = [
-            # The library's overall gauge counts warnings as failures; ours
-            # is 0 only when unhealthy, like the HTTP status.
-            f"django_health_check_overall_status {state is not State.UNHEALTHY:d}"
-            if line.startswith("django_health_check_overall_status ")
-            else line
-            for line in lines
-        ]
-        lines += [
-            "# HELP lockngen_health_state Overall state: healthy, degraded "
-            "(answers 200) or unhealthy (answers 503)",
-            "# TYPE lockngen_health_state stateset",
-            *(
-                f'lockngen_health_state{{lockngen_health_state="{value}"}} '
-                f"{value is state:d}"
-                for value in State
-            ),
-        ]
-        for result in self.results:
-            check = result.check
-            if not isinstance(check, MeasuredCheck):
-                continue
-            for name, value in check.metrics.items():
-                metric = f"lockngen_{check.metrics_prefix}_{name}"
-                lines += [
-                    f"# HELP {metric} {check.metrics_help.get(name, name)}",
-                    f"# TYPE {metric} gauge",
-                    f"{metric} {value:g}",
-                ]
-        lines.append("# EOF")
-        response.content = ("\n".join(lines) + "\n").encode()
-        return response
+        return HttpResponse(
+            openmetrics(self.results, self.state),
+            content_type=openmetrics_exposition.CONTENT_TYPE_LATEST,
+        )
+
+
+def openmetrics(results: list[HealthCheckResult], state: State) -> bytes:
+    """The library's gauges (our overall status) plus ours, built by prometheus_client.
+
+    ``django_health_check_status`` and ``_response_time_seconds`` keep the
+    library's names, help and labels (a label a check lacks is empty, which
+    Prometheus reads as absent). ``django_health_check_overall_status`` is 0
+    only when unhealthy, like the HTTP status: the library's counts warnings
+    as failures. ``lockngen_health_state`` carries the three states.
+    """
+    label_names = sorted({name for result in results for name in result.check.labels})
+
+    def label_values(result: HealthCheckResult) -> list[str]:
+        return [result.check.labels.get(name, "") for name in label_names]
+
+    status = GaugeMetricFamily(
+        "django_health_check_status",
+        "Health check status (1 = healthy, 0 = unhealthy)",
+        labels=label_names,
+    )
+    response_time = GaugeMetricFamily(
+        "django_health_check_response_time_seconds",
+        "Health check response time in seconds",
+        labels=label_names,
+    )
+    for result in results:
+        status.add_metric(label_values(result), float(not result.error))
+        response_time.add_metric(label_values(result), round(result.time_taken, 6))
+    families: list[Metric] = [
+        status,
+        response_time,
+        GaugeMetricFamily(
+            "django_health_check_overall_status",
+            "Overall health check status (1 = healthy or degraded, 0 = unhealthy)",
+            value=float(state is not State.UNHEALTHY),
+        ),
+        StateSetMetricFamily(
+            "lockngen_health_state",
+            "Overall state: healthy, degraded (answers 200) or unhealthy (answers 503)",
+            value={value.value: value is state for value in State},
+        ),
+    ]
+    for result in results:
+        check = result.check
+        if isinstance(check, MeasuredCheck):
+            families += [
+                GaugeMetricFamily(
+                    f"lockngen_{check.metrics_prefix}_{name}",
+                    check.metrics_help.get(name, name),
+                    value=value,
+                )
+                for name, value in check.metrics.items()
+            ]
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Collected(families))
+    return openmetrics_exposition.generate_latest(registry)
+
+
+@dataclasses.dataclass(eq=False)  # the registry keys collectors by identity
+class Collected(Collector):
+    """Metric families computed already, as prometheus_client's registry takes them."""
+
+    families: list[Metric]
+
+    def collect(self) -> Iterable[Metric]:
+        return self.families
