@@ -7,22 +7,9 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from apikeys.models import DEFAULT_RATE_LIMIT, ApiKey
 from apikeys.services import api_key_create
+from lockngen.management.arguments import non_negative, positive
 
 NAME_MAX_LENGTH = ApiKey._meta.get_field("name").max_length
-
-
-def non_negative(value: str) -> int:
-    number = int(value)
-    if number < 0:
-        raise ValueError(value)
-    return number
-
-
-def positive(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise ValueError(value)
-    return number
 
 
 class Command(BaseCommand):
