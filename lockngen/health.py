@@ -13,6 +13,9 @@ True)``), so they use that thread's connection like any view does (persistent
 for ``CONN_MAX_AGE``, or the pool) and open none of their own. The view
 answers from a report at most ``HEALTH_REPORT_SECONDS`` old, so a flood of
 probes costs one run of the checks per interval and process (SPEC §12).
+
+The apps own the checks of their own data (``generations.health.QueueGauges``)
+and build them on ``MeasuredCheck`` / ``on_request_thread`` from here.
 """
 
 from __future__ import annotations
