@@ -226,7 +226,7 @@ LOCKNGEN_DEV_API_KEY = env.get("LOCKNGEN_DEV_API_KEY", "").strip()
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["apikeys.auth.ApiKeyAuthentication"],
     "DEFAULT_PERMISSION_CLASSES": ["apikeys.auth.HasApiKey"],
-    "DEFAULT_THROTTLE_CLASSES": [],  # the per-key limit lives in apikeys.ratelimit
+    "DEFAULT_THROTTLE_CLASSES": [],  # the per-key limit lives in apikeys.auth
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     # JSON with bounded size, depth and keys, no lone surrogates (SPEC §12).
     "DEFAULT_PARSER_CLASSES": ["lockngen.inbound.BoundedJSONParser"],
