@@ -11,12 +11,11 @@ import socket
 import struct
 from typing import Any
 
-TRUE = {"1", "true", "yes", "on"}
+from lockngen.env import env_bool, env_int
 
 
 def _int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    return int(raw) if raw else default
+    return env_int(os.environ, name, default)
 
 
 wsgi_app = "lockngen.wsgi:application"
@@ -134,7 +133,7 @@ def post_worker_init(worker: Any) -> None:
 
 def worker_exit(server: Any, worker: Any) -> None:
     """Close this worker's database pool so PostgreSQL sees clean disconnects."""
-    if os.environ.get("DB_POOL", "").strip().lower() not in TRUE:
+    if not env_bool(os.environ, "DB_POOL"):
         return
     try:
         from django.db import connections

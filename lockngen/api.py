@@ -45,13 +45,8 @@ from rest_framework.views import exception_handler as drf_exception_handler
 from rest_framework.views import set_rollback
 from rest_framework.viewsets import ViewSet
 
-from apikeys.auth import (
-    ApiKeyAuthentication,
-    HasApiKey,
-    RateLimited,
-    RateLimitState,
-    rate_limit_hit,
-)
+from apikeys.auth import ApiKeyAuthentication, HasApiKey
+from apikeys.ratelimit import RateLimited, RateLimitState, rate_limit_hit
 from lockngen.inbound import RequestBodyTooLarge
 from lockngen.middleware import database_unavailable_response
 

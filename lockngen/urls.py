@@ -14,7 +14,7 @@ from lockngen.health import HealthView
 health_checks = [
     "lockngen.health.Database",
     "lockngen.health.Migrations",
-    "lockngen.health.QueueGauges",
+    "generations.health.QueueGauges",
     "lockngen.health.DatabaseBackend",
     "lockngen.health.RateLimitCache",
 ]
