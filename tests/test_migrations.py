@@ -7,6 +7,7 @@ the end of the module) and runs ``manage.py`` in subprocesses, as operators do.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -291,13 +292,21 @@ def test_migration_script_records_data_migrations_without_running_them(server):
 
 # --- migration_script never touches the target ---------------------------------
 
-SCRATCH = (
-    "SELECT datname FROM pg_database WHERE datname LIKE 'lockngen_migration_script_%'"
+SCRATCH_LINE = re.compile(r"scratch database (lockngen_migration_script_[0-9a-f]+)")
+WAITING_ON_A_LOCK = (
+    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+    "AND application_name = 'lockngen migration_script' AND wait_event_type = 'Lock'"
 )
 
 
-def scratch_databases(url: str) -> set[str]:
-    return {name for (name,) in query(url, SCRATCH)}
+def scratch_names(stderr: str) -> set[str]:
+    """The scratch databases a ``migration_script -v 2`` run says it used."""
+    return set(SCRATCH_LINE.findall(stderr))
+
+
+def still_there(url: str, names: set[str]) -> set[str]:
+    rows = query(url, "SELECT datname FROM pg_database")
+    return names & {name for (name,) in rows}
 
 
 @pytest.fixture
@@ -317,7 +326,6 @@ def test_migration_script_never_blocks_writes_to_a_big_table(widgets_at_0001):
             "SELECT 'w' || n, 'widget', n, (SELECT id FROM migration_app_shelf) "
             "FROM generate_series(1, 200000) AS n"
         )
-    before = scratch_databases(url)
     schema_before = schema_dump(url)
     writer = psycopg.connect(url)
     try:
@@ -329,15 +337,19 @@ def test_migration_script_never_blocks_writes_to_a_big_table(widgets_at_0001):
             "SELECT 'late', 'late', 1, id FROM migration_app_shelf"
         )
 
-        script = manage(url, "migration_script", "--lock-timeout", "2000", env=TEST_APP)
+        result = manage(
+            url, "migration_script", "-v", "2", "--lock-timeout", "2000", env=TEST_APP
+        )
 
         writer.commit()
     finally:
         writer.close()
-    assert 'CREATE INDEX "widget_sku_size_idx"' in script.stdout
+    assert 'CREATE INDEX "widget_sku_size_idx"' in result.stdout
     assert query(url, "SELECT count(*) FROM migration_app_widget") == [(200001,)]
     assert schema_dump(url) == schema_before
-    assert scratch_databases(url) <= before
+    used = scratch_names(result.stderr)
+    assert len(used) == 1, result.stderr
+    assert not still_there(url, used)
 
 
 def test_migration_script_drops_its_scratch_database_when_a_migration_fails(
@@ -346,14 +358,15 @@ def test_migration_script_drops_its_scratch_database_when_a_migration_fails(
     url = widgets_at_0001
     with psycopg.connect(url) as conn:  # 0002 alters "label", now gone
         conn.execute("ALTER TABLE migration_app_widget RENAME label TO caption")
-    before = scratch_databases(url)
 
-    result = manage(url, "migration_script", env=TEST_APP, ok=False)
+    result = manage(url, "migration_script", "-v", "2", env=TEST_APP, ok=False)
 
     assert result.returncode == 1
     assert "migration_app.0002_rework fails on this database" in result.stderr
     assert "Traceback" not in result.stderr
-    assert scratch_databases(url) <= before
+    used = scratch_names(result.stderr)
+    assert len(used) == 1, result.stderr
+    assert not still_there(url, used)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["int", "term"])
@@ -361,7 +374,6 @@ def test_interrupted_migration_script_drops_its_scratch_database(
     widgets_at_0001, signum
 ):
     url = widgets_at_0001
-    before = scratch_databases(url)
     environ = {
         key: value for key, value in os.environ.items() if key != "LOCKNGEN_ENV"
     } | {"DATABASE_URL": url, **TEST_APP}
@@ -374,6 +386,8 @@ def test_interrupted_migration_script_drops_its_scratch_database(
                 sys.executable,
                 "manage.py",
                 "migration_script",
+                "-v",
+                "2",
                 "--lock-timeout",
                 "60000",
             ],
@@ -385,9 +399,9 @@ def test_interrupted_migration_script_drops_its_scratch_database(
         )
         try:
             deadline = time.monotonic() + 60
-            while not scratch_databases(url) - before:
+            while query(url, WAITING_ON_A_LOCK) != [(1,)]:
                 assert process.poll() is None, process.communicate()
-                assert time.monotonic() < deadline, "no scratch database appeared"
+                assert time.monotonic() < deadline, "pg_dump never waited"
                 time.sleep(0.1)
             process.send_signal(signum)
             _, stderr = process.communicate(timeout=60)
@@ -399,4 +413,6 @@ def test_interrupted_migration_script_drops_its_scratch_database(
 
     assert process.returncode == 1, stderr
     assert "interrupted; the scratch database was dropped" in stderr
-    assert scratch_databases(url) <= before
+    used = scratch_names(stderr)
+    assert len(used) == 1, stderr
+    assert not still_there(url, used)

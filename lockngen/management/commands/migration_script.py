@@ -26,7 +26,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
@@ -128,7 +128,10 @@ def terminate_as_interrupt() -> Iterator[None]:
 
 @contextlib.contextmanager
 def scratch_copy(
-    connection: BaseDatabaseWrapper, *, lock_timeout_ms: int
+    connection: BaseDatabaseWrapper,
+    *,
+    lock_timeout_ms: int,
+    log: Callable[[str], None] = lambda message: None,
 ) -> Iterator[BaseDatabaseWrapper]:
     """A connection to a new database holding the target's schema and no data.
 
@@ -148,6 +151,7 @@ def scratch_copy(
             "migration_script rehearses on a scratch copy of the schema and "
             f"needs the CREATEDB privilege: {str(exc).strip().splitlines()[0]}"
         ) from None
+    log(f"rehearsing on the scratch database {name}")
     scratch = None
     try:
         settings_dict = connection.settings_dict
@@ -185,6 +189,7 @@ def scratch_copy(
         try:
             with connection.cursor() as cursor:
                 cursor.execute(f"DROP DATABASE IF EXISTS {quoted} WITH (FORCE)")
+            log(f"dropped the scratch database {name}")
         except DatabaseError as exc:  # never mask what is propagating
             sys.stderr.write(
                 f"could not drop the scratch database {name}; drop it by hand: "
@@ -255,7 +260,9 @@ class Command(BaseCommand):
             with (
                 terminate_as_interrupt(),
                 scratch_copy(
-                    connection, lock_timeout_ms=options["lock_timeout"]
+                    connection,
+                    lock_timeout_ms=options["lock_timeout"],
+                    log=self._progress(options["verbosity"]),
                 ) as scratch,
             ):
                 for migration, _ in plan:
@@ -266,6 +273,12 @@ class Command(BaseCommand):
                 "interrupted; the scratch database was dropped"
             ) from None
         self.stdout.write("\n".join(lines))
+
+    def _progress(self, verbosity: int) -> Callable[[str], None]:
+        """Progress lines on stderr with ``-v 2`` (stdout is the script)."""
+        if verbosity < 2:
+            return lambda message: None
+        return self.stderr.write
 
     def _recorder_table(self, connection: Any) -> list[str]:
         """``django_migrations`` exactly as ``migrate`` creates it, if missing."""
