@@ -24,25 +24,29 @@ from apikeys.services import (
     api_key_revoke,
     is_in_the_future,
 )
-from lockngen.api import (
-    ADMIN_ERRORS,
-    AUTH_ERRORS,
-    BAD_REQUEST,
-    UNSUPPORTED_MEDIA_TYPE,
-    ApiViewSet,
+from lockngen.http.fields import (
     StrictBooleanField,
     StrictCharField,
     StrictIntegerField,
     StrictSerializer,
-    created,
+    model_field,
+    validated,
+)
+from lockngen.http.pagination import paginate
+from lockngen.http.schema import (
+    ADMIN_ERRORS,
+    AUTH_ERRORS,
+    BAD_REQUEST,
+    UNSUPPORTED_MEDIA_TYPE,
     documented,
     error,
+)
+from lockngen.http.views import (
+    ApiViewSet,
+    created,
     get_or_404,
     iso_datetime,
-    model_field,
-    paginate,
     parse_uuid,
-    validated,
 )
 
 

@@ -38,27 +38,31 @@ from generations.services import (
     generation_heartbeat,
     generation_update,
 )
-from lockngen.api import (
-    ADMIN_ERRORS,
-    AUTH_ERRORS,
-    BAD_REQUEST,
-    UNSUPPORTED_MEDIA_TYPE,
-    ApiViewSet,
-    ConflictSerializer,
+from lockngen.http.fields import (
     StrictCharField,
     StrictFloatField,
     StrictIntegerField,
     StrictSerializer,
     StrictUUIDField,
-    created,
+    model_field,
+    validated,
+)
+from lockngen.http.pagination import paginate
+from lockngen.http.schema import (
+    ADMIN_ERRORS,
+    AUTH_ERRORS,
+    BAD_REQUEST,
+    UNSUPPORTED_MEDIA_TYPE,
+    ConflictSerializer,
     documented,
     error,
+)
+from lockngen.http.views import (
+    ApiViewSet,
+    created,
     get_or_404,
     iso_datetime,
-    model_field,
-    paginate,
     parse_uuid,
-    validated,
 )
 from lockngen.prepared import PreparedQuery
 

@@ -13,7 +13,7 @@ from django.db.models.functions import Now
 from django.test.utils import CaptureQueriesContext
 
 from generations.models import Generation, Status
-from lockngen.api import Cursor
+from lockngen.http.pagination import Cursor
 from tests.factories import make_generation
 
 GENERATION_FIELDS = {
