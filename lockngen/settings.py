@@ -241,7 +241,8 @@ if not is_valid_format(LOCKNGEN_DEV_API_KEY):
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["apikeys.auth.ApiKeyAuthentication"],
     "DEFAULT_PERMISSION_CLASSES": ["apikeys.auth.HasApiKey"],
-    "DEFAULT_THROTTLE_CLASSES": [],  # the per-key limit lives in apikeys.auth
+    # Run right after authentication, before permissions (lockngen.http.views).
+    "DEFAULT_THROTTLE_CLASSES": ["apikeys.throttling.ApiKeyRateThrottle"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     # JSON with bounded size, depth and keys, no lone surrogates (SPEC §12).
     "DEFAULT_PARSER_CLASSES": ["lockngen.http.inbound.BoundedJSONParser"],

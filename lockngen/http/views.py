@@ -13,15 +13,9 @@ from rest_framework import exceptions
 from rest_framework.negotiation import BaseContentNegotiation
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.throttling import BaseThrottle
 from rest_framework.viewsets import ViewSet
 
-from apikeys.auth import (
-    ApiKeyAuthentication,
-    HasApiKey,
-    RateLimited,
-    RateLimitState,
-    rate_limit_hit,
-)
 from lockngen.http.pagination import KeysetPagination
 
 
@@ -43,14 +37,18 @@ class JsonOnlyNegotiation(BaseContentNegotiation):
 
 
 class ApiViewSet(ViewSet):
-    """Base of every ``/api/v1`` endpoint: API-key auth, then the key's rate
-    limit, then permissions; JSON in, JSON out; ``X-RateLimit-*`` headers.
+    """Base of every ``/api/v1`` endpoint: authentication, then throttles,
+    then permissions; JSON in, JSON out.
+
+    Authentication, permission and throttle classes are ``REST_FRAMEWORK``'s
+    (the one place they are configured). Throttles run right after
+    authentication rather than after permissions, as DRF would, so refused
+    requests count against a key's limit too; a throttle with a ``headers()``
+    method adds those headers to the response (``X-RateLimit-*``).
     """
 
-    authentication_classes = [ApiKeyAuthentication]
-    permission_classes = [HasApiKey]
-    throttle_classes: list[Any] = []  # the per-key limit runs right after auth
     content_negotiation_class = JsonOnlyNegotiation
+    throttles: list[BaseThrottle] | None = None
     metadata_class = None
     # No OPTIONS: without a metadata class DRF would list it in Allow, then 405.
     http_method_names = ["get", "post", "patch", "delete", "head"]
@@ -60,23 +58,25 @@ class ApiViewSet(ViewSet):
     lookup_value_regex = "[^/]+"
 
     def perform_authentication(self, request: Request) -> None:
-        api_key = request.auth  # authenticates (one query)
-        if api_key is None:
-            return
-        # Counted before permissions, so refused requests count too.
-        try:
-            request._request.rate_limit = rate_limit_hit(api_key)
-        except RateLimited as exc:
-            request._request.rate_limit = exc.state
-            raise
+        request.auth  # noqa: B018 -- authenticates (one query)
+        super().check_throttles(request)
+
+    def check_throttles(self, request: Request) -> None:
+        """Done in ``perform_authentication``, before permissions."""
+
+    def get_throttles(self) -> list[BaseThrottle]:
+        # One set per request (a view instance serves one request), so
+        # ``finalize_response`` reads the state the check left behind.
+        if self.throttles is None:
+            self.throttles = super().get_throttles()
+        return self.throttles
 
     def finalize_response(
         self, request: Request, response: HttpResponse, *args: Any, **kwargs: Any
     ) -> HttpResponse:
         response = super().finalize_response(request, response, *args, **kwargs)
-        state: RateLimitState | None = getattr(request._request, "rate_limit", None)
-        if state is not None:
-            for header, value in state.headers().items():
+        for throttle in self.throttles or ():
+            for header, value in getattr(throttle, "headers", dict)().items():
                 response[header] = value
         return response
 
