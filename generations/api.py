@@ -9,13 +9,11 @@ document that shape in the OpenAPI schema.
 
 from __future__ import annotations
 
-import uuid
 from decimal import Decimal
 from http import HTTPStatus
 from typing import Any
 
 from django.core.exceptions import ValidationError as DjangoValidationError
-from django.db.models import Func, QuerySet, UUIDField, Value
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema_view
 from rest_framework import exceptions, serializers
 from rest_framework.decorators import action
@@ -23,8 +21,8 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from apikeys.auth import HasApiKey, IsAdminKey
-from apikeys.models import ApiKey
 from generations.models import Generation, InvalidTransition, Status
+from generations.selectors import generation_get, generation_list
 from generations.services import (
     IdempotencyConflict,
     IdempotencyKeyReused,
@@ -60,11 +58,9 @@ from lockngen.http.schema import (
 from lockngen.http.views import (
     ApiViewSet,
     created,
-    get_or_404,
     iso_datetime,
     parse_uuid,
 )
-from lockngen.prepared import PreparedQuery
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 IDEMPOTENCY_MAX_LENGTH = Generation._meta.get_field("idempotency_key").max_length
@@ -286,41 +282,6 @@ LEASE_CONFLICT = {
 }
 
 
-def listable(api_key: ApiKey) -> QuerySet:
-    """``Generation.objects.for_key(api_key)``, phrased so a list uses its index.
-
-    Compared with a literal key id, PostgreSQL plans a page of a heavy key
-    (one in its most-common-values statistics) as a backwards walk of the
-    seed ``created_at`` index that filters out everyone else's rows: cheap
-    while the key's rows are spread over time, 160 ms a page once they are all
-    older than other keys' (``python -m bench scale``, the quiet key: 875,000
-    rows filtered). Compared with ``(SELECT <key id>)`` the same value is a
-    parameter the planner cannot see: it assumes an average key and walks
-    ``generations_key_list_idx``, which is right for every key
-    (docs/PERFORMANCE.md, "Scale").
-    """
-    if api_key.is_admin:
-        return Generation.objects.all()
-    key_id = Func(
-        Value(api_key.pk, output_field=UUIDField()),
-        template="(SELECT %(expressions)s)",
-        output_field=UUIDField(),
-    )
-    return Generation.objects.filter(api_key_id=key_id)
-
-
-# The read path's one query, compiled once (lockngen.prepared): what
-# ``for_key`` lets a key see, by id; admin keys see every generation.
-_VISIBLE_BY_ID = {
-    is_admin: PreparedQuery(
-        lambda api_key, pk: Generation.objects.for_key(api_key).filter(pk=pk),
-        api_key=ApiKey(pk=uuid.UUID(int=1), is_admin=is_admin),
-        pk=uuid.UUID(int=2),
-    )
-    for is_admin in (False, True)
-}
-
-
 @extend_schema_view(
     create=documented(
         "Queue a generation",
@@ -463,9 +424,12 @@ class GenerationViewSet(ApiViewSet):
             return [IsAdminKey()]
         return [HasApiKey()]
 
-    def visible(self) -> QuerySet:
-        """What the calling key may see: its own generations; admin: all."""
-        return Generation.objects.for_key(self.request.auth)
+    def visible(self, id: str) -> Generation:
+        """The generation with this id if the calling key may see it; else 404."""
+        generation = generation_get(api_key=self.request.auth, pk=parse_uuid(id))
+        if generation is None:
+            raise exceptions.NotFound()
+        return generation
 
     def list(self, request: Request) -> Response:
         params = request.query_params
@@ -473,11 +437,11 @@ class GenerationViewSet(ApiViewSet):
             GenerationFilterSerializer,
             {name: params[name] for name in ("status", "model") if name in params},
         )
-        queryset = listable(request.auth)
-        if "status" in filters:
-            queryset = queryset.filter(status=STATUS_BY_NAME[filters["status"]])
-        if "model" in filters:
-            queryset = queryset.filter(model=filters["model"])
+        queryset = generation_list(
+            api_key=request.auth,
+            status=STATUS_BY_NAME.get(filters.get("status")),
+            model=filters.get("model"),
+        )
         return paginate(self, queryset, generation_json)
 
     def create(self, request: Request) -> Response:
@@ -509,15 +473,10 @@ class GenerationViewSet(ApiViewSet):
         return created(body, request, f"/api/v1/generations/{generation.id}")
 
     def retrieve(self, request: Request, id: str) -> Response:
-        generation = _VISIBLE_BY_ID[request.auth.is_admin].first(
-            api_key=request.auth, pk=parse_uuid(id)
-        )
-        if generation is None:
-            raise exceptions.NotFound()
-        return Response(generation_json(generation))
+        return Response(generation_json(self.visible(id)))
 
     def partial_update(self, request: Request, id: str) -> Response:
-        generation = get_or_404(self.visible(), id)
+        generation = self.visible(id)
         fields = validated(GenerationUpdateSerializer, request.data, partial=True)
         if "prompt_id" in fields and not request.auth.is_admin:
             raise exceptions.PermissionDenied("Only admin keys may set prompt_id.")
@@ -529,7 +488,7 @@ class GenerationViewSet(ApiViewSet):
         return Response(generation_json(generation))
 
     def destroy(self, request: Request, id: str) -> Response:
-        generation = get_or_404(self.visible(), id)
+        generation = self.visible(id)
         try:
             generation_delete(generation=generation)
         except Generation.DoesNotExist:  # deleted by a concurrent request
@@ -602,7 +561,7 @@ class GenerationViewSet(ApiViewSet):
         )
 
     def _transition(self, id: str, verb: str, service: Any) -> Response:
-        generation = get_or_404(self.visible(), id)
+        generation = self.visible(id)
         try:
             generation = service(generation=generation)
         except Generation.DoesNotExist:  # deleted since it was read

@@ -116,10 +116,6 @@ class InvalidTransition(Exception):
 
 
 class GenerationQuerySet(SoftDeleteQuerySet):
-    def for_key(self, api_key: Any) -> GenerationQuerySet:
-        """What a key may see: its own generations; an admin key sees all."""
-        return self if api_key.is_admin else self.filter(api_key=api_key)
-
     def queue_head(self) -> GenerationQuerySet:
         return self.filter(status=Status.QUEUED).order_by("created_at", "id")
 

@@ -26,16 +26,10 @@ from generations.models import (
     lease_expiry,
     transition_values,
 )
-from lockngen.prepared import PreparedInsert
 
 logger = logging.getLogger(__name__)
 
 EXPIRED_SWEEP_BATCH = 100
-
-
-# ``generation.save(force_insert=True)`` with the INSERT compiled once: the
-# create endpoint's biggest single cost after the database round trip.
-_INSERT = PreparedInsert(Generation)
 
 
 class IdempotencyConflict(Exception):
@@ -74,12 +68,12 @@ def generation_create(
     """
     generation = Generation(api_key=api_key, idempotency_key=idempotency_key, **fields)
     if idempotency_key is None:
-        _INSERT.insert(generation)
+        generation.save(force_insert=True)
         return generation, True
     generation.request_fingerprint = request_fingerprint(generation)
     try:
         with transaction.atomic():
-            _INSERT.insert(generation)
+            generation.save(force_insert=True)
         return generation, True
     except IntegrityError:
         # Whichever constraint refused the row, a row holding this key is the
