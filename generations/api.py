@@ -2,26 +2,32 @@
 
 Clients create, list, read, rename, cancel and delete their own jobs; workers
 (admin keys) claim jobs, keep their lease alive and report the outcome. The
-output is built by ``generation_json`` (a plain function, not serializer field
-machinery: the read path is the hot path). ``GenerationSerializer`` exists to
-document that shape in the OpenAPI schema.
+output is built by ``generation_json`` from the ``OUTPUT`` table (plain
+functions: the read path is the hot path); ``GenerationSerializer`` is
+generated from the same table to document it in the OpenAPI schema.
 """
 
 from __future__ import annotations
 
-from decimal import Decimal
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
-from django.core.exceptions import ValidationError as DjangoValidationError
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema_view
 from rest_framework import exceptions, serializers
 from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.utils.field_mapping import ClassLookupDict
 
 from apikeys.auth import HasApiKey, IsAdminKey
-from generations.models import Generation, InvalidTransition, Status
+from generations.models import (
+    LIMITS,
+    Generation,
+    InvalidTransition,
+    Status,
+    decimals_validator,
+)
 from generations.selectors import generation_get, generation_list
 from generations.services import (
     IdempotencyConflict,
@@ -64,42 +70,57 @@ from lockngen.http.views import (
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 IDEMPOTENCY_MAX_LENGTH = Generation._meta.get_field("idempotency_key").max_length
-GUIDANCE_DECIMALS = 2
-STATUS_NAMES = {status.value: status.label for status in Status}
-STATUS_BY_NAME = {status.label: status.value for status in Status}
+STATUS_BY_NAME = {status.label: status for status in Status}
 
 
 # --- Output ------------------------------------------------------------------
 
 
+def _as_is(value: Any) -> Any:
+    return value
+
+
+def _status_name(value: int) -> str:
+    return Status(value).label
+
+
+def _guidance(value: float) -> float:
+    return round(value, LIMITS["guidance"].decimals)
+
+
+# The API shape of a generation (SPEC §5): every field, and how its value is
+# written. ``generation_json`` writes it; the schema's ``GenerationSerializer``
+# is generated from it. Plain functions, not serializer field machinery: the
+# read path is the hot path.
+OUTPUT: dict[str, Callable[[Any], Any]] = {
+    "id": str,
+    "name": _as_is,
+    "prompt": _as_is,
+    "negative_prompt": _as_is,
+    "model": _as_is,
+    "width": _as_is,
+    "height": _as_is,
+    "steps": _as_is,
+    "guidance": _guidance,
+    "seed": _as_is,
+    "status": _status_name,
+    "prompt_id": _as_is,
+    "output_path": _as_is,
+    "thumbnail_path": _as_is,
+    "error_message": _as_is,
+    "created_at": iso_datetime,
+    "updated_at": iso_datetime,
+    "started_at": iso_datetime,
+    "completed_at": iso_datetime,
+    "duration_ms": _as_is,
+    "attempts": _as_is,
+    "lease_expires_at": iso_datetime,
+}
+
+
 def generation_json(generation: Generation) -> dict[str, Any]:
     """The API shape of a generation (SPEC §5)."""
-    g = generation
-    return {
-        "id": str(g.id),
-        "name": g.name,
-        "prompt": g.prompt,
-        "negative_prompt": g.negative_prompt,
-        "model": g.model,
-        "width": g.width,
-        "height": g.height,
-        "steps": g.steps,
-        # Stored as real (7.55 reads back as 7.550000190734863).
-        "guidance": round(g.guidance, GUIDANCE_DECIMALS),
-        "seed": g.seed,
-        "status": STATUS_NAMES[g.status],
-        "prompt_id": g.prompt_id,
-        "output_path": g.output_path,
-        "thumbnail_path": g.thumbnail_path,
-        "error_message": g.error_message,
-        "created_at": iso_datetime(g.created_at),
-        "updated_at": iso_datetime(g.updated_at),
-        "started_at": iso_datetime(g.started_at),
-        "completed_at": iso_datetime(g.completed_at),
-        "duration_ms": g.duration_ms,
-        "attempts": g.attempts,
-        "lease_expires_at": iso_datetime(g.lease_expires_at),
-    }
+    return {name: write(getattr(generation, name)) for name, write in OUTPUT.items()}
 
 
 def leased_json(generation: Generation) -> dict[str, Any]:
@@ -113,40 +134,37 @@ def leased_json(generation: Generation) -> dict[str, Any]:
     }
 
 
-def _out(name: str, field_class: type[serializers.Field]) -> Any:
+_DRF_FIELD_FOR = ClassLookupDict(serializers.ModelSerializer.serializer_field_mapping)
+
+
+def _documented(name: str) -> serializers.Field:
+    """The schema of one ``OUTPUT`` field, read from the model field."""
+    if name == "status":
+        return serializers.ChoiceField(choices=list(STATUS_BY_NAME), read_only=True)
+    db_field = Generation._meta.get_field(name)
     return model_field(
-        Generation, name, field_class, read_only=True, default=serializers.empty
+        Generation,
+        name,
+        _DRF_FIELD_FOR[db_field],
+        read_only=True,
+        default=serializers.empty,
     )
 
 
-class GenerationSerializer(serializers.Serializer):
-    """Documents ``generation_json`` for the schema."""
-
-    id = serializers.UUIDField(read_only=True)
-    name = _out("name", serializers.CharField)
-    prompt = _out("prompt", serializers.CharField)
-    negative_prompt = _out("negative_prompt", serializers.CharField)
-    model = _out("model", serializers.CharField)
-    width = _out("width", serializers.IntegerField)
-    height = _out("height", serializers.IntegerField)
-    steps = _out("steps", serializers.IntegerField)
-    guidance = _out("guidance", serializers.FloatField)
-    seed = _out("seed", serializers.IntegerField)
-    status = serializers.ChoiceField(choices=list(STATUS_BY_NAME), read_only=True)
-    prompt_id = _out("prompt_id", serializers.CharField)
-    output_path = _out("output_path", serializers.CharField)
-    thumbnail_path = _out("thumbnail_path", serializers.CharField)
-    error_message = _out("error_message", serializers.CharField)
-    created_at = serializers.DateTimeField(read_only=True)
-    updated_at = serializers.DateTimeField(read_only=True, allow_null=True)
-    started_at = serializers.DateTimeField(read_only=True, allow_null=True)
-    completed_at = serializers.DateTimeField(read_only=True, allow_null=True)
-    duration_ms = serializers.IntegerField(read_only=True, allow_null=True)
-    attempts = serializers.IntegerField(read_only=True)
-    lease_expires_at = serializers.DateTimeField(read_only=True, allow_null=True)
-
+class _GenerationShape(serializers.Serializer):
     def to_representation(self, instance: Generation) -> dict[str, Any]:
         return generation_json(instance)
+
+
+GenerationSerializer = type(
+    "GenerationSerializer",
+    (_GenerationShape,),
+    {
+        "__module__": __name__,
+        "__doc__": "Documents ``generation_json`` for the schema.",
+        **{name: _documented(name) for name in OUTPUT},
+    },
+)
 
 
 class LeasedGenerationSerializer(GenerationSerializer):
@@ -169,15 +187,6 @@ class LeasedGenerationSerializer(GenerationSerializer):
 # --- Input -------------------------------------------------------------------
 
 
-def at_most_two_decimals(value: float) -> None:
-    exponent = Decimal(repr(value)).as_tuple().exponent
-    if isinstance(exponent, int) and exponent < -GUIDANCE_DECIMALS:
-        raise DjangoValidationError(
-            f"Ensure that there are no more than {GUIDANCE_DECIMALS} decimal places.",
-            code="max_decimal_places",
-        )
-
-
 def _in(name: str, field_class: type[serializers.Field], **kwargs: Any) -> Any:
     return model_field(Generation, name, field_class, **kwargs)
 
@@ -198,8 +207,8 @@ class GenerationCreateSerializer(StrictSerializer):
     guidance = _in(
         "guidance",
         StrictFloatField,
-        extra_validators=(at_most_two_decimals,),
-        help_text="At most 2 decimal places.",
+        extra_validators=(decimals_validator("guidance"),),
+        help_text=f"At most {LIMITS['guidance'].decimals} decimal places.",
     )
     seed = _in("seed", StrictIntegerField)
 
