@@ -13,7 +13,7 @@ import uuid
 from typing import Any
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import QuerySet
 from django.db.models.functions import Now
 
@@ -26,6 +26,7 @@ from generations.models import (
     lease_expiry,
     transition_values,
 )
+from lockngen.rows import insert_one
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,15 @@ def request_fingerprint(generation: Generation) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def _insert(generation: Generation) -> Generation:
+    # The create endpoint's INSERT as a fixed SQL string on PostgreSQL: the
+    # ORM compiles it anew on every save (docs/PERFORMANCE.md, "Write path").
+    if connection.vendor != "postgresql":
+        generation.save(force_insert=True)
+        return generation
+    return insert_one(generation)
+
+
 def generation_create(
     *,
     api_key: ApiKey | None,
@@ -68,13 +78,11 @@ def generation_create(
     """
     generation = Generation(api_key=api_key, idempotency_key=idempotency_key, **fields)
     if idempotency_key is None:
-        generation.save(force_insert=True)
-        return generation, True
+        return _insert(generation), True
     generation.request_fingerprint = request_fingerprint(generation)
     try:
         with transaction.atomic():
-            generation.save(force_insert=True)
-        return generation, True
+            return _insert(generation), True
     except IntegrityError:
         # Whichever constraint refused the row, a row holding this key is the
         # answer (the error text names the constraint only on PostgreSQL).
