@@ -30,6 +30,8 @@ from generations.models import (
 )
 from generations.selectors import generation_get, generation_list
 from generations.services import (
+    EDITABLE_FIELDS,
+    FieldNotEditable,
     IdempotencyConflict,
     IdempotencyKeyReused,
     LeaseLost,
@@ -213,11 +215,21 @@ class GenerationCreateSerializer(StrictSerializer):
     seed = _in("seed", StrictIntegerField)
 
 
-class GenerationUpdateSerializer(StrictSerializer):
-    """Fields to change; ``prompt_id`` needs an admin key."""
-
-    name = _in("name", StrictCharField)
-    prompt_id = _in("prompt_id", StrictCharField, help_text="Admin keys only.")
+# Every editable field is text.
+GenerationUpdateSerializer = type(
+    "GenerationUpdateSerializer",
+    (StrictSerializer,),
+    {
+        "__module__": __name__,
+        "__doc__": "Fields to change; ``prompt_id`` needs an admin key.",
+        **{
+            name: _in(name, StrictCharField, help_text="Admin keys only.")
+            if admin_only
+            else _in(name, StrictCharField)
+            for name, admin_only in EDITABLE_FIELDS.items()
+        },
+    },
+)
 
 
 LEASE_HELP = "The lease_token of the claim that handed out this job."
@@ -487,11 +499,15 @@ class GenerationViewSet(ApiViewSet):
     def partial_update(self, request: Request, id: str) -> Response:
         generation = self.visible(id)
         fields = validated(GenerationUpdateSerializer, request.data, partial=True)
-        if "prompt_id" in fields and not request.auth.is_admin:
-            raise exceptions.PermissionDenied("Only admin keys may set prompt_id.")
         if fields:
             try:
-                generation = generation_update(generation=generation, **fields)
+                generation = generation_update(
+                    generation=generation, by_admin=request.auth.is_admin, **fields
+                )
+            except FieldNotEditable as exc:  # the serializer allows no others
+                raise exceptions.PermissionDenied(
+                    f"Only admin keys may set {', '.join(exc.fields)}."
+                ) from None
             except Generation.DoesNotExist:  # deleted by a concurrent request
                 raise exceptions.NotFound() from None
         return Response(generation_json(generation))

@@ -236,13 +236,42 @@ def generation_heartbeat(*, pk: uuid.UUID, lease_token: uuid.UUID) -> Generation
     raise refusal
 
 
+# What may change once a job exists, and who may change it (field -> needs
+# an admin: an admin API key, or a staff user in the admin). Every other
+# field is the client's request or the worker's report.
+EDITABLE_FIELDS: dict[str, bool] = {"name": False, "prompt_id": True}
+
+
+class FieldNotEditable(Exception):
+    """The caller may not change these fields (SPEC §5, PATCH)."""
+
+    def __init__(self, fields: list[str]) -> None:
+        super().__init__(f"may not change {', '.join(fields)}")
+        self.fields = fields
+
+
+def editable_fields(*, by_admin: bool) -> tuple[str, ...]:
+    return tuple(
+        name
+        for name, admin_only in EDITABLE_FIELDS.items()
+        if by_admin or not admin_only
+    )
+
+
 @transaction.atomic
-def generation_update(*, generation: Generation, **fields: Any) -> Generation:
+def generation_update(
+    *, generation: Generation, by_admin: bool, **fields: Any
+) -> Generation:
     """Rename, or (admin) record the render backend's ``prompt_id``.
 
-    The row is re-read under a lock: one deleted meanwhile raises
-    ``Generation.DoesNotExist`` instead of being written to.
+    Raises ``FieldNotEditable`` for any field the caller may not change,
+    before anything is written. The row is re-read under a lock: one deleted
+    meanwhile raises ``Generation.DoesNotExist`` instead of being written to.
     """
+    allowed = editable_fields(by_admin=by_admin)
+    refused = [name for name in fields if name not in allowed]
+    if refused:
+        raise FieldNotEditable(refused)
     generation = _locked(generation)
     for field, value in fields.items():
         setattr(generation, field, value)
