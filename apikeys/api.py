@@ -55,7 +55,7 @@ def api_key_json(api_key: ApiKey) -> dict[str, Any]:
     return {
         "id": str(api_key.id),
         "name": api_key.name,
-        "prefix": api_key.prefix,
+        "prefix": api_key.key_prefix,
         "is_admin": api_key.is_admin,
         "rate_limit": api_key.rate_limit,
         "created_at": iso_datetime(api_key.created_at),
