@@ -16,7 +16,7 @@ from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from apikeys.auth import HasApiKey, IsAdminKey
+from apikeys.auth import IsAdminKey
 from apikeys.models import ApiKey
 from apikeys.services import (
     api_key_create,
@@ -172,7 +172,7 @@ class ApiKeyViewSet(ApiViewSet):
 
     def get_permissions(self) -> list[Any]:
         if self.action == "me":
-            return [HasApiKey()]
+            return super().get_permissions()  # REST_FRAMEWORK's default: any key
         return [IsAdminKey()]
 
     def list(self, request: Request) -> Response:

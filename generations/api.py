@@ -20,7 +20,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.utils.field_mapping import ClassLookupDict
 
-from apikeys.auth import HasApiKey, IsAdminKey
+from apikeys.auth import IsAdminKey
 from generations.models import (
     LIMITS,
     Generation,
@@ -443,7 +443,7 @@ class GenerationViewSet(ApiViewSet):
     def get_permissions(self) -> list[Any]:
         if self.action in self.WORKER_ACTIONS:
             return [IsAdminKey()]
-        return [HasApiKey()]
+        return super().get_permissions()  # REST_FRAMEWORK's default: any key
 
     def visible(self, id: str) -> Generation:
         """The generation with this id if the calling key may see it; else 404."""
