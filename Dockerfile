@@ -41,8 +41,12 @@ RUN LOCKNGEN_ENV=production SECRET_KEY=collectstatic-only ALLOWED_HOSTS=localhos
     python manage.py collectstatic --noinput \
  && mkdir -p var && chown lockngen:lockngen var
 
+# LIVENESS_PORT: each worker answers /health/live on 127.0.0.1:8001 too, from
+# a thread outside the request pool, and the HEALTHCHECK asks there: a table
+# locked for minutes must not get a healthy container restarted (SPEC §12).
 ENV LOCKNGEN_ENV=production \
-    PORT=8000
+    PORT=8000 \
+    LIVENESS_PORT=8001
 USER 10001:10001
 EXPOSE 8000
 

@@ -40,6 +40,8 @@ test: $(VENV)/.dev
 	  echo "Redis is not reachable at 127.0.0.1:6379 (the rate-limit tests share counters through it): start it with 'redis-server --daemonize yes' (or 'docker compose up -d redis')."; exit 1; }
 	@command -v pgbouncer >/dev/null || test -x /usr/sbin/pgbouncer || { \
 	  echo "pgbouncer is not installed (the PgBouncer tests run a real one): apt-get install -y pgbouncer"; exit 1; }
+	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || { \
+	  echo "nginx is not installed (the proxy tests run a real one with docker/nginx/'s config): apt-get install -y nginx"; exit 1; }
 	DATABASE_URL='$(TEST_DATABASE_URL)' $(PY) -m pytest $(PYTEST_ARGS)
 	@echo "== SQLite fallback smoke run (DATABASE_URL unset) =="
 	env -u DATABASE_URL -u REDIS_URL $(PY) -m pytest -m sqlite_smoke $(PYTEST_ARGS)

@@ -9,7 +9,7 @@ def main() -> None:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "lockngen.settings")
     from django.core.management import execute_from_command_line
 
-    from lockngen.database import ConfigError
+    from lockngen.env import ConfigError
 
     try:
         execute_from_command_line(sys.argv)

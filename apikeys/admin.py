@@ -99,10 +99,10 @@ class ApiKeyAdmin(SoftDeleteAdmin):
             rate_limit=data["rate_limit"],
             expires_at=data["expires_at"],
         )
-        # The admin goes on with ``obj`` (log entry, redirect): make it the row.
-        for field in ApiKey._meta.concrete_fields:
-            setattr(obj, field.attname, getattr(api_key, field.attname))
-        obj._state.adding, obj._state.db = False, api_key._state.db
+        # The admin goes on with ``obj`` (log entry, redirect): make it the row,
+        # database defaults (created_at) included.
+        obj.pk = api_key.pk
+        obj.refresh_from_db()
         self.message_user(
             request,
             f"The new API key is {raw_key} — copy it now: it is shown only "

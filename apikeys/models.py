@@ -7,11 +7,14 @@ from typing import Any, ClassVar
 from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator
 from django.db import models
+from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import BooleanField, ExpressionWrapper, Q
 from django.db.models.functions import Now
 
 from lockngen.softdelete import SoftDeleteManager, SoftDeleteModel, SoftDeleteQuerySet
 
+# Requests per minute of a key created without one (0 = unlimited).
+DEFAULT_RATE_LIMIT = 100
 # The annotation ``ApiKeyQuerySet.with_is_active`` adds.
 IS_ACTIVE_NOW = "is_active_now"
 
@@ -19,7 +22,7 @@ IS_ACTIVE_NOW = "is_active_now"
 class HashField(models.CharField):
     """SHA-256 hex digest: ``char(64)`` in PostgreSQL, not ``varchar``."""
 
-    def db_type(self, connection) -> str:  # type: ignore[no-untyped-def]
+    def db_type(self, connection: BaseDatabaseWrapper) -> str:
         if connection.vendor == "postgresql":
             return f"char({self.max_length})"
         return super().db_type(connection)
@@ -37,7 +40,7 @@ class ApiKeyQuerySet(SoftDeleteQuerySet):
         )
 
 
-class ApiKeyManager(SoftDeleteManager.from_queryset(ApiKeyQuerySet)):  # type: ignore[misc]
+class ApiKeyManager(SoftDeleteManager.from_queryset(ApiKeyQuerySet)):
     pass
 
 
@@ -48,8 +51,8 @@ class ApiKey(SoftDeleteModel):
     key_prefix = models.CharField(max_length=16, unique=True, editable=False)
     is_admin = models.BooleanField(default=False, db_default=False)
     rate_limit = models.IntegerField(
-        default=100,
-        db_default=100,
+        default=DEFAULT_RATE_LIMIT,
+        db_default=DEFAULT_RATE_LIMIT,
         validators=[MinValueValidator(0)],
         help_text="Requests per minute; 0 = unlimited (workers).",
     )
@@ -81,10 +84,6 @@ class ApiKey(SoftDeleteModel):
 
     def __str__(self) -> str:
         return f"{self.name} ({self.key_prefix}…)"
-
-    @property
-    def prefix(self) -> str:
-        return self.key_prefix
 
     @staticmethod
     def active_condition(now: Any = None) -> Q:
@@ -132,7 +131,7 @@ class ApiKey(SoftDeleteModel):
         if self.loaded_revoked_at is not None and self.revoked_at is None:
             raise ValidationError("A revoked API key cannot be un-revoked.")
 
-    def save(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+    def save(self, *args: Any, **kwargs: Any) -> None:
         self.clean()
         super().save(*args, **kwargs)
         if self.revoked_at is None or isinstance(self.revoked_at, datetime):

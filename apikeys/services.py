@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime, timedelta
-from typing import Any
 
 from django.conf import settings
 from django.db import connection, transaction
@@ -19,7 +18,7 @@ from apikeys.keys import (
     is_valid_format,
     key_prefix,
 )
-from apikeys.models import IS_ACTIVE_NOW, ApiKey
+from apikeys.models import DEFAULT_RATE_LIMIT, IS_ACTIVE_NOW, ApiKey
 from apikeys.selectors import api_key_active_by_hash
 
 logger = logging.getLogger(__name__)
@@ -32,7 +31,7 @@ def api_key_create(
     *,
     name: str,
     is_admin: bool = False,
-    rate_limit: int = 100,
+    rate_limit: int = DEFAULT_RATE_LIMIT,
     expires_at: datetime | None = None,
     expires_in: timedelta | None = None,
 ) -> tuple[ApiKey, str]:
@@ -134,16 +133,21 @@ def _touch_last_used(api_key: ApiKey) -> None:
         api_key.refresh_from_db(fields=["last_used_at"])
 
 
-def api_key_seed_dev(*, model: Any = ApiKey, raw_key: str | None = None) -> Any:
+def dev_api_key() -> str:
+    """The raw development key: ``LOCKNGEN_DEV_API_KEY``, else the documented one."""
+    return settings.LOCKNGEN_DEV_API_KEY or DEFAULT_DEV_API_KEY
+
+
+def api_key_seed_dev(*, raw_key: str | None = None) -> ApiKey | None:
     """Ensure the development admin key exists; idempotent.
 
-    Called by the seed data migration (with the historical model) and by
-    ``manage.py seed_dev_key``. Returns the key row, or None in production.
+    Called by ``manage.py seed_dev_key`` (the seed data migration carries its
+    own frozen copy). Returns the key row, or None in production.
     """
     if settings.PRODUCTION:
         return None
-    raw_key = raw_key or settings.LOCKNGEN_DEV_API_KEY
-    manager = model._base_manager
+    raw_key = raw_key or dev_api_key()
+    manager = ApiKey.all_objects
     with transaction.atomic():
         existing = manager.filter(key_hash=hash_key(raw_key)).first()
         if existing is not None:

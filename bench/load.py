@@ -37,10 +37,11 @@ RATIO_TARGET = 0.7  # SPEC §9: API >= 0.7 x the bare view
 HUGE_RATE_LIMIT = 1_000_000_000  # per minute: never reached, always counted
 
 
-# Labels of the three sides the read and write benchmarks compare.
+# Labels of the sides the read and write benchmarks compare.
 BARE = "bare Django view"
 THROTTLED = "API, key rate_limit=1e9"
 UNLIMITED = "API, key rate_limit=0"
+PROXIED = "API via nginx, rate_limit=1e9"
 
 
 def schedule(smoke: bool) -> tuple[tuple[int, ...], int, int]:
@@ -349,6 +350,17 @@ def alternate(
             name: Cell(results, spent[name]) for name, results in runs.items()
         }
     return table
+
+
+def print_proxy_cost(ratios: dict[int, dict[str, float]]) -> None:
+    """The proxy's cost: (API via nginx / bare) / (API direct / bare) per level."""
+    costs = [
+        f"{level}: {row[PROXIED] / row[THROTTLED]:.2f}"
+        for level, row in ratios.items()
+        if PROXIED in row and row[THROTTLED]
+    ]
+    if costs:
+        print("through nginx / direct (same key), by concurrency: " + ", ".join(costs))
 
 
 def print_table(

@@ -297,6 +297,29 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         process.wait(timeout=10)
 
 
+@contextlib.contextmanager
+def nginx(server: Server) -> Iterator[int | None]:
+    """Debian's nginx with the shipped config (docker/nginx/) in front of
+    ``server``; yields its port, or None (and says so) when nginx is missing.
+
+    The same harness as the proxy tests (tests/proxy.py), so the benchmark
+    measures exactly what they check. The benchmark's client is 127.0.0.1,
+    which the config exempts from its per-address limits (the container's own
+    loopback), so they never throttle the load.
+    """
+    from tests.proxy import nginx_binary, nginx_in_front
+
+    if not nginx_binary():
+        print("nginx is not installed: no 'API via nginx' side (apt-get install nginx)")
+        yield None
+        return
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-nginx-") as directory,
+        nginx_in_front(server.port, Path(directory)) as proxy,
+    ):
+        yield proxy.port
+
+
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 

@@ -23,6 +23,7 @@ from django.core.validators import (
     MinValueValidator,
 )
 from django.db import models
+from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import Case, F, Q, When
 from django.db.models.functions import Mod, Now
 from django.db.models.lookups import Exact
@@ -79,7 +80,7 @@ def validate_multiple_of_8(value: int) -> None:
 class RealField(models.FloatField):
     """Single-precision ``real`` in PostgreSQL, as the seed schema has it."""
 
-    def db_type(self, connection) -> str:  # type: ignore[no-untyped-def]
+    def db_type(self, connection: BaseDatabaseWrapper) -> str:
         if connection.vendor == "postgresql":
             return "real"
         return super().db_type(connection)
@@ -88,7 +89,9 @@ class RealField(models.FloatField):
 class RandomUUID(PostgresRandomUUID):
     """A fresh random uuid made by the database, one per row of an UPDATE."""
 
-    def as_sqlite(self, compiler, connection, **extra_context):  # type: ignore[no-untyped-def]
+    def as_sqlite(
+        self, compiler: Any, connection: BaseDatabaseWrapper, **extra_context: Any
+    ) -> tuple[str, list[Any]]:
         # Django stores a UUIDField as 32 hex digits on SQLite.
         return "lower(hex(randomblob(16)))", []
 
@@ -102,7 +105,8 @@ class Status(models.IntegerChoices):
 
     @classmethod
     def terminal(cls) -> frozenset[Status]:
-        return frozenset({cls.COMPLETED, cls.FAILED, cls.CANCELLED})
+        """The states with no way out (derived from ``TRANSITIONS``)."""
+        return frozenset(state for state, targets in TRANSITIONS.items() if not targets)
 
 
 # The status machine (SPEC §3): the only transitions that may ever happen.
@@ -140,14 +144,18 @@ class InvalidTransition(Exception):
         )
 
 
+def expired_lease() -> Q:
+    """The one definition of an expired lease: running, and its lease ended
+    before the database's now (SPEC §11 one clock)."""
+    return Q(status=Status.RUNNING, lease_expires_at__lt=Now())
+
+
 class GenerationQuerySet(SoftDeleteQuerySet):
     def queue_head(self) -> GenerationQuerySet:
         return self.filter(status=Status.QUEUED).order_by("created_at", "id")
 
     def expired_leases(self) -> GenerationQuerySet:
-        return self.filter(status=Status.RUNNING, lease_expires_at__lt=Now()).order_by(
-            "lease_expires_at", "id"
-        )
+        return self.filter(expired_lease()).order_by("lease_expires_at", "id")
 
     def transition(self, target: Status, *, lease_seconds: int = 0) -> int:
         """Move every row that may reach ``target`` there, in one UPDATE."""
@@ -155,7 +163,7 @@ class GenerationQuerySet(SoftDeleteQuerySet):
             **transition_values(target, lease_seconds=lease_seconds)
         )
 
-    transition.alters_data = True  # type: ignore[attr-defined]
+    transition.alters_data = True
 
     def soft_delete_values(self) -> dict[str, Any]:
         """Soft-deleting a queued or running job cancels it in the same UPDATE.
@@ -174,7 +182,7 @@ class GenerationQuerySet(SoftDeleteQuerySet):
         return super().soft_delete_values() | cancel
 
 
-class GenerationManager(SoftDeleteManager.from_queryset(GenerationQuerySet)):  # type: ignore[misc]
+class GenerationManager(SoftDeleteManager.from_queryset(GenerationQuerySet)):
     pass
 
 
@@ -382,7 +390,9 @@ class DurationMs(models.Func):
         " * 1000))::integer END)"
     )
 
-    def as_sqlite(self, compiler, connection, **extra_context):  # type: ignore[no-untyped-def]
+    def as_sqlite(
+        self, compiler: Any, connection: BaseDatabaseWrapper, **extra_context: Any
+    ) -> tuple[str, list[Any]]:
         return super().as_sql(
             compiler,
             connection,

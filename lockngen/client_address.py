@@ -6,7 +6,7 @@ not itself a trusted proxy (every hop to its right was appended by a proxy we
 trust, every hop to its left could have been written by the client). Anyone
 else is their socket peer, whatever headers they send, so a client cannot
 choose the address its failures are counted under. The failed-auth limit
-(``apikeys.auth``) and django-axes (``AXES_CLIENT_IP_CALLABLE``) both call
+(``apikeys.ratelimit``) and django-axes (``AXES_CLIENT_IP_CALLABLE``) both call
 :func:`client_address`.
 
 Hand-written on :mod:`ipaddress` because django-ipware, which axes offers,
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 
-from lockngen.database import ConfigError
+from lockngen.env import ConfigError
 
 if TYPE_CHECKING:  # settings.py imports this module: keep its imports light
     from django.http import HttpRequest

@@ -105,7 +105,7 @@ class Counters:
             return None
         if not was_closed:
             logger.warning("Redis answers again: rate limits are shared again")
-        return result  # type: ignore[return-value]
+        return result
 
     def hit(self, key: str, *, ttl: int) -> int:
         """Count one event under ``key`` (expiring after ``ttl`` s); the new count."""
@@ -140,7 +140,7 @@ class Counters:
 
     def _get(self, key: str) -> int:
         # Only called through _redis(), which checked the client.
-        return int(self.client.get(key) or 0)  # type: ignore[union-attr]
+        return int(self.client.get(key) or 0)
 
 
 def _call(func: Callable[..., T], *args: object) -> T:

@@ -13,41 +13,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import dj_database_url
-from django.core.exceptions import ImproperlyConfigured
+
+from lockngen.env import ConfigError, env_bool, env_int
 
 POSTGRES_ENGINES = {"django.db.backends.postgresql", "lockngen.db"}
 SQLITE_FALLBACK = Path("var") / "lockngen.sqlite3"
 APPLICATION_NAME = "lockngen"
-
-
-class ConfigError(ImproperlyConfigured):
-    """A configuration mistake reported to operators as one line, no traceback."""
-
-
-def env_int(
-    env: Mapping[str, str], name: str, default: int, *, minimum: int = 0
-) -> int:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
-    if value < minimum:
-        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def env_bool(env: Mapping[str, str], name: str, default: bool = False) -> bool:
-    raw = env.get(name, "").strip().lower()
-    if not raw:
-        return default
-    if raw in {"1", "true", "yes", "on"}:
-        return True
-    if raw in {"0", "false", "no", "off"}:
-        return False
-    raise ConfigError(f"{name} must be a boolean (1/0, true/false), got {raw!r}")
 
 
 def redact_url(url: str) -> str:
@@ -62,9 +33,18 @@ def redact_url(url: str) -> str:
     return f"{parts.scheme}://{user}{host}{port}{parts.path}"
 
 
+def connect_retry_delay(failed_attempts: int) -> float:
+    """The wait after the n-th failed connection attempt: 0.1 s doubling, at most 2 s.
+
+    The one schedule: the backend (lockngen.db.base) sleeps it between attempts
+    and database_config() counts it in the worst case it checks.
+    """
+    return min(0.1 * 2 ** (failed_attempts - 1), 2.0)
+
+
 def connect_retry_delays(retries: int) -> list[float]:
-    """The backoff between connection attempts: 0.1 s doubling, at most 2 s."""
-    return [min(0.1 * 2**attempt, 2.0) for attempt in range(retries)]
+    """Every wait of ``retries`` retries, in order."""
+    return [connect_retry_delay(attempt) for attempt in range(1, retries + 1)]
 
 
 def database_config(
@@ -78,7 +58,7 @@ def database_config(
                 "DATABASE_URL is required when LOCKNGEN_ENV=production "
                 "(e.g. postgres://lockn:secret@db:5432/lockngen)"
             )
-        (base_dir / SQLITE_FALLBACK).parent.mkdir(parents=True, exist_ok=True)
+        # Its directory is made at start-up (lockngen.apps), not here.
         return {
             "ENGINE": "django.db.backends.sqlite3",
             "NAME": str(base_dir / SQLITE_FALLBACK),

@@ -13,6 +13,9 @@ True)``), so they use that thread's connection like any view does (persistent
 for ``CONN_MAX_AGE``, or the pool) and open none of their own. The view
 answers from a report at most ``HEALTH_REPORT_SECONDS`` old, so a flood of
 probes costs one run of the checks per interval and process (SPEC §12).
+
+The apps own the checks of their own data (``generations.health.QueueGauges``)
+and build them on ``MeasuredCheck`` / ``on_request_thread`` from here.
 """
 
 from __future__ import annotations
@@ -33,15 +36,16 @@ from django.conf import settings
 from django.core.signals import setting_changed
 from django.db import DatabaseError, connections
 from django.db.backends.base.base import BaseDatabaseWrapper
-from django.db.migrations.executor import MigrationExecutor
-from django.db.models import Count, Min, Q
-from django.db.models.functions import Now
+from django.db.migrations.loader import MigrationLoader
 from django.dispatch import receiver
 from django.http import HttpResponse, JsonResponse
-from django.utils import timezone
 from health_check.base import HealthCheck, HealthCheckResult
 from health_check.exceptions import ServiceUnavailable, ServiceWarning
 from health_check.views import HealthCheckView
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily, Metric, StateSetMetricFamily
+from prometheus_client.openmetrics import exposition as openmetrics_exposition
+from prometheus_client.registry import Collector
 from redis import RedisError
 
 from lockngen.counters import counters
@@ -123,10 +127,20 @@ async def on_request_thread(func: Callable[[], None]) -> None:
 
 
 def pending_migrations(connection: BaseDatabaseWrapper) -> list[str]:
-    """``app_label.name`` of every migration not yet applied, in plan order."""
-    executor = MigrationExecutor(connection)
-    plan = executor.migration_plan(executor.loader.graph.leaf_nodes())
-    return [f"{migration.app_label}.{migration.name}" for migration, _ in plan]
+    """``app_label.name`` of every migration not recorded as applied, in order.
+
+    Every node of the graph, not ``MigrationExecutor.migration_plan`` to the
+    leaves: that plan stops at a leaf that is applied, so a missing record of
+    an earlier migration (a history edited by hand) would not count.
+    """
+    loader = MigrationLoader(connection)
+    applied = loader.applied_migrations
+    pending: dict[tuple[str, str], None] = {}
+    for leaf in loader.graph.leaf_nodes():
+        for node in loader.graph.forwards_plan(leaf):
+            if node not in applied:
+                pending[node] = None
+    return [f"{app_label}.{name}" for app_label, name in pending]
 
 
 def short_reason(exc: BaseException) -> str:
@@ -244,53 +258,6 @@ class ConnectionPool(MeasuredCheck):
 
 
 @dataclasses.dataclass
-class QueueGauges(MeasuredCheck):
-    """Queue depth for dashboards; unhealthy only when the queue cannot be read."""
-
-    alias: str = "default"
-    metrics_prefix: ClassVar[str] = "queue"
-    metrics_help: ClassVar[dict[str, str]] = {
-        "queued": "Generations waiting for a worker",
-        "oldest_queued_age_seconds": "Age of the oldest queued generation (0 if none)",
-        "running": "Generations claimed by a worker",
-        "expired_leases": "Running generations whose worker lease has expired",
-    }
-
-    async def run(self) -> None:
-        await on_request_thread(self.check)
-
-    def check(self) -> None:
-        from generations.models import Generation, Status
-
-        queued, running = Q(status=Status.QUEUED), Q(status=Status.RUNNING)
-        try:
-            # One statement over the hot statuses only (status index),
-            # never a scan of the finished history.
-            row = (
-                Generation.objects.using(self.alias)
-                .filter(status__in=[Status.QUEUED, Status.RUNNING])
-                .aggregate(
-                    queued=Count("pk", filter=queued),
-                    oldest=Min("created_at", filter=queued),
-                    running=Count("pk", filter=running),
-                    expired=Count("pk", filter=running & Q(lease_expires_at__lt=Now())),
-                )
-            )
-        except DatabaseError as exc:
-            raise ServiceUnavailable(
-                f"cannot read the queue ({short_reason(exc)})"
-            ) from exc
-        oldest = row["oldest"]
-        age = (timezone.now() - oldest).total_seconds() if oldest else 0.0
-        self.metrics = {
-            "queued": row["queued"],
-            "oldest_queued_age_seconds": round(max(age, 0.0), 3),
-            "running": row["running"],
-            "expired_leases": row["expired"],
-        }
-
-
-@dataclasses.dataclass
 class DatabaseBackend(HealthCheck):
     """Degraded on the SQLite development fallback (no ``DATABASE_URL``)."""
 
@@ -399,7 +366,7 @@ class HealthView(HealthCheckView):
         self.remembered = await report.results(super().get_checks)
         return await super().get(request, *args, **kwargs)
 
-    def get_checks(self) -> list[Remembered]:  # type: ignore[override]
+    def get_checks(self) -> list[Remembered]:
         return [Remembered(result) for result in self.remembered]
 
     @property
@@ -464,40 +431,74 @@ class HealthView(HealthCheckView):
         )
 
     def render_to_response_openmetrics(self) -> HttpResponse:
-        response = super().render_to_response_openmetrics()
-        state = self.state
-        lines = response.content.decode().rstrip("\n").split("\n")
-        if lines[-1] == "# EOF":
-            lines.pop()
-        lines = [
-            # The library's overall gauge counts warnings as failures; ours
-            # is 0 only when unhealthy, like the HTTP status.
-            f"django_health_check_overall_status {state is not State.UNHEALTHY:d}"
-            if line.startswith("django_health_check_overall_status ")
-            else line
-            for line in lines
-        ]
-        lines += [
-            "# HELP lockngen_health_state Overall state: healthy, degraded "
-            "(answers 200) or unhealthy (answers 503)",
-            "# TYPE lockngen_health_state stateset",
-            *(
-                f'lockngen_health_state{{lockngen_health_state="{value}"}} '
-                f"{value is state:d}"
-                for value in State
-            ),
-        ]
-        for result in self.results:
-            check = result.check
-            if not isinstance(check, MeasuredCheck):
-                continue
-            for name, value in check.metrics.items():
-                metric = f"lockngen_{check.metrics_prefix}_{name}"
-                lines += [
-                    f"# HELP {metric} {check.metrics_help.get(name, name)}",
-                    f"# TYPE {metric} gauge",
-                    f"{metric} {value:g}",
-                ]
-        lines.append("# EOF")
-        response.content = ("\n".join(lines) + "\n").encode()
-        return response
+        return HttpResponse(
+            openmetrics(self.results, self.state),
+            content_type=openmetrics_exposition.CONTENT_TYPE_LATEST,
+        )
+
+
+def openmetrics(results: list[HealthCheckResult], state: State) -> bytes:
+    """The library's gauges (our overall status) plus ours, built by prometheus_client.
+
+    ``django_health_check_status`` and ``_response_time_seconds`` keep the
+    library's names, help and labels (a label a check lacks is empty, which
+    Prometheus reads as absent). ``django_health_check_overall_status`` is 0
+    only when unhealthy, like the HTTP status: the library's counts warnings
+    as failures. ``lockngen_health_state`` carries the three states.
+    """
+    label_names = sorted({name for result in results for name in result.check.labels})
+
+    def label_values(result: HealthCheckResult) -> list[str]:
+        return [result.check.labels.get(name, "") for name in label_names]
+
+    status = GaugeMetricFamily(
+        "django_health_check_status",
+        "Health check status (1 = healthy, 0 = unhealthy)",
+        labels=label_names,
+    )
+    response_time = GaugeMetricFamily(
+        "django_health_check_response_time_seconds",
+        "Health check response time in seconds",
+        labels=label_names,
+    )
+    for result in results:
+        status.add_metric(label_values(result), float(not result.error))
+        response_time.add_metric(label_values(result), round(result.time_taken, 6))
+    families: list[Metric] = [
+        status,
+        response_time,
+        GaugeMetricFamily(
+            "django_health_check_overall_status",
+            "Overall health check status (1 = healthy or degraded, 0 = unhealthy)",
+            value=float(state is not State.UNHEALTHY),
+        ),
+        StateSetMetricFamily(
+            "lockngen_health_state",
+            "Overall state: healthy, degraded (answers 200) or unhealthy (answers 503)",
+            value={value.value: value is state for value in State},
+        ),
+    ]
+    for result in results:
+        check = result.check
+        if isinstance(check, MeasuredCheck):
+            families += [
+                GaugeMetricFamily(
+                    f"lockngen_{check.metrics_prefix}_{name}",
+                    check.metrics_help.get(name, name),
+                    value=value,
+                )
+                for name, value in check.metrics.items()
+            ]
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Collected(families))
+    return openmetrics_exposition.generate_latest(registry)
+
+
+@dataclasses.dataclass(eq=False)  # the registry keys collectors by identity
+class Collected(Collector):
+    """Metric families computed already, as prometheus_client's registry takes them."""
+
+    families: list[Metric]
+
+    def collect(self) -> Iterable[Metric]:
+        return self.families

@@ -41,7 +41,7 @@ class RequestIDMiddleware:
     def __call__(self, request: HttpRequest) -> HttpResponse:
         sent = request.META.get(META_KEY, "")
         request_id = sent if is_sane(sent) else new_request_id()
-        request.request_id = request_id  # type: ignore[attr-defined]
+        request.request_id = request_id
         token = request_id_var.set(request_id)
         try:
             response = self.get_response(request)

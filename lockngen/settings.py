@@ -6,16 +6,15 @@ may supply variables; the real environment wins over it.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from datetime import timedelta
 from pathlib import Path
 
 from dotenv import load_dotenv
 
-from apikeys.keys import DEFAULT_DEV_API_KEY, is_valid_format
 from lockngen.client_address import DEFAULT_TRUSTED_PROXIES, parse_networks
-from lockngen.database import ConfigError, database_config, env_bool, env_int
+from lockngen.database import database_config
+from lockngen.env import ConfigError, env_bool, env_int, env_list
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 load_dotenv(BASE_DIR / ".env", override=False)
@@ -39,15 +38,11 @@ if PRODUCTION:
         )
 
 
-def env_list(name: str, default: str = "") -> list[str]:
-    return [item.strip() for item in env.get(name, default).split(",") if item.strip()]
-
-
 # --- Core ------------------------------------------------------------------
 
 DEV_SECRET_KEY = "django-insecure-lockngen-development-only-never-use-in-production"  # noqa: S105
 SECRET_KEY = env.get("SECRET_KEY", "").strip()
-ALLOWED_HOSTS = env_list("ALLOWED_HOSTS")
+ALLOWED_HOSTS = env_list(env, "ALLOWED_HOSTS")
 if PRODUCTION:
     DEBUG = False  # never, whatever DEBUG says
 else:
@@ -55,7 +50,7 @@ else:
     ALLOWED_HOSTS = ALLOWED_HOSTS or ["localhost", "127.0.0.1", "[::1]"]
     DEBUG = env_bool(env, "DEBUG", default=True)
 
-CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS")
+CSRF_TRUSTED_ORIGINS = env_list(env, "CSRF_TRUSTED_ORIGINS")
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -73,9 +68,11 @@ INSTALLED_APPS = [
     "lockngen",
     "apikeys",
     "generations",
-    # Test-only apps (tests/migration_app), never set in deployments.
-    *env_list("LOCKNGEN_EXTRA_APPS"),
 ]
+if not PRODUCTION:
+    # Test-only: tests/test_migrations.py installs tests.migration_app in its
+    # manage.py subprocesses this way. Ignored in production.
+    INSTALLED_APPS += env_list(env, "LOCKNGEN_EXTRA_APPS")
 
 MIDDLEWARE = [
     # Outermost: every response (probes included) gets an X-Request-ID, and
@@ -150,7 +147,7 @@ REDIS_BREAKER_RESET_SECONDS = 5.0
 AUTH_FAILURES_PER_MINUTE = env_int(env, "AUTH_FAILURES_PER_MINUTE", 60)
 # Peers whose X-Forwarded-For is believed (the proxy in front).
 TRUSTED_PROXIES = parse_networks(
-    env_list("TRUSTED_PROXIES", DEFAULT_TRUSTED_PROXIES), name="TRUSTED_PROXIES"
+    env_list(env, "TRUSTED_PROXIES", DEFAULT_TRUSTED_PROXIES), name="TRUSTED_PROXIES"
 )
 
 # /health/ answers from a report at most this old (a flood costs one run of
@@ -192,11 +189,7 @@ USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "static/"
-STATIC_ROOT = BASE_DIR / "var" / "static"
-# WhiteNoise warns on every start when STATIC_ROOT is missing (before the
-# first collectstatic); the image collects at build time, development need not.
-with contextlib.suppress(OSError):
-    STATIC_ROOT.mkdir(parents=True, exist_ok=True)
+STATIC_ROOT = BASE_DIR / "var" / "static"  # created at start-up (lockngen.apps)
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {
@@ -213,7 +206,6 @@ STORAGES = {
 if PRODUCTION:
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
     SECURE_SSL_REDIRECT = True
-    SECURE_REDIRECT_EXEMPT = [r"^health/(live|ready)/?$"]
     SECURE_HSTS_SECONDS = env_int(env, "SECURE_HSTS_SECONDS", 31536000)
     SECURE_HSTS_INCLUDE_SUBDOMAINS = True
     SECURE_HSTS_PRELOAD = True
@@ -225,16 +217,9 @@ if PRODUCTION:
 LEASE_SECONDS = env_int(env, "LEASE_SECONDS", 300, minimum=1)
 MAX_ATTEMPTS = env_int(env, "MAX_ATTEMPTS", 3, minimum=1)
 
-LOCKNGEN_DEV_API_KEY = (
-    env.get("LOCKNGEN_DEV_API_KEY", "").strip() or DEFAULT_DEV_API_KEY
-)
-if not is_valid_format(LOCKNGEN_DEV_API_KEY):
-    # Never echo the value: it is a credential.
-    raise ConfigError(
-        "LOCKNGEN_DEV_API_KEY must look like lk_<8 letters/digits>_<32+ URL-safe "
-        'characters>; generate one with: python -c "from apikeys.keys import '
-        'generate_key; print(generate_key())"'
-    )
+# Empty: the documented default key (apikeys.keys.DEFAULT_DEV_API_KEY). The
+# apikeys app checks the format when Django starts (apikeys.apps).
+LOCKNGEN_DEV_API_KEY = env.get("LOCKNGEN_DEV_API_KEY", "").strip()
 
 # --- REST API (SPEC §5) ------------------------------------------------------
 
@@ -242,7 +227,7 @@ REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["apikeys.auth.ApiKeyAuthentication"],
     "DEFAULT_PERMISSION_CLASSES": ["apikeys.auth.HasApiKey"],
     # Run right after authentication, before permissions (lockngen.http.views).
-    "DEFAULT_THROTTLE_CLASSES": ["apikeys.throttling.ApiKeyRateThrottle"],
+    "DEFAULT_THROTTLE_CLASSES": ["apikeys.ratelimit.ApiKeyRateThrottle"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     # JSON with bounded size, depth and keys, no lone surrogates (SPEC §12).
     "DEFAULT_PARSER_CLASSES": ["lockngen.http.inbound.BoundedJSONParser"],

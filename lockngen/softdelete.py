@@ -17,35 +17,29 @@ from django.db.models.functions import Now
 
 
 class SoftDeleteQuerySet(models.QuerySet):
-    def alive(self) -> SoftDeleteQuerySet:
-        return self.filter(is_deleted=False)
-
-    def dead(self) -> SoftDeleteQuerySet:
-        return self.filter(is_deleted=True)
-
     def soft_delete_values(self) -> dict[str, Any]:
         """What soft-deleting a row writes; a model with more rules extends it."""
         return {"is_deleted": True, "deleted_at": Now()}
 
-    def delete(self) -> tuple[int, dict[str, int]]:  # type: ignore[override]
+    def delete(self) -> tuple[int, dict[str, int]]:
         """Soft-delete every row in one UPDATE; returns Django's delete shape."""
         count = self.filter(is_deleted=False).update(**self.soft_delete_values())
         return count, {self.model._meta.label: count}
 
-    delete.alters_data = True  # type: ignore[attr-defined]
+    delete.alters_data = True
 
     def hard_delete(self) -> tuple[int, dict[str, int]]:
         return super().delete()
 
-    hard_delete.alters_data = True  # type: ignore[attr-defined]
+    hard_delete.alters_data = True
 
     def restore(self) -> int:
         return self.filter(is_deleted=True).update(is_deleted=False, deleted_at=None)
 
-    restore.alters_data = True  # type: ignore[attr-defined]
+    restore.alters_data = True
 
 
-class SoftDeleteManager(models.Manager.from_queryset(SoftDeleteQuerySet)):  # type: ignore[misc]
+class SoftDeleteManager(models.Manager.from_queryset(SoftDeleteQuerySet)):
     """Hides deleted rows; used for ``objects`` and for related managers."""
 
     def get_queryset(self) -> SoftDeleteQuerySet:
@@ -67,7 +61,7 @@ class SoftDeleteModel(models.Model):
         base_manager_name = "all_objects"
         default_manager_name = "objects"
 
-    def delete(  # type: ignore[override]
+    def delete(
         self, using: str | None = None, keep_parents: bool = False
     ) -> tuple[int, dict[str, int]]:
         # Through the queryset, so the model's own delete rules apply here too.
@@ -76,12 +70,12 @@ class SoftDeleteModel(models.Model):
         self.refresh_from_db(fields=list(rows.soft_delete_values()))
         return count, detail
 
-    delete.alters_data = True  # type: ignore[attr-defined]
+    delete.alters_data = True
 
     def hard_delete(self) -> tuple[int, dict[str, int]]:
         return super().delete()
 
-    hard_delete.alters_data = True  # type: ignore[attr-defined]
+    hard_delete.alters_data = True
 
     def restore(self) -> None:
         type(self).all_objects.filter(pk=self.pk).update(
@@ -89,4 +83,4 @@ class SoftDeleteModel(models.Model):
         )
         self.is_deleted, self.deleted_at = False, None
 
-    restore.alters_data = True  # type: ignore[attr-defined]
+    restore.alters_data = True

@@ -15,7 +15,7 @@ from lockngen.http.routers import OptionalSlashRouter
 health_checks = [
     "lockngen.health.Database",
     "lockngen.health.Migrations",
-    "lockngen.health.QueueGauges",
+    "generations.health.QueueGauges",
     "lockngen.health.DatabaseBackend",
     "lockngen.health.RateLimitCache",
 ]

@@ -5,7 +5,7 @@ import sys
 
 from django.core.wsgi import get_wsgi_application
 
-from lockngen.database import ConfigError
+from lockngen.env import ConfigError
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "lockngen.settings")
 

@@ -17,11 +17,15 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from apikeys.auth import RATE_LIMIT_WINDOW_SECONDS, auth_failure_key, current_window
 from apikeys.keys import generate_key
+from apikeys.ratelimit import (
+    RATE_LIMIT_WINDOW_SECONDS,
+    auth_failure_key,
+    current_window,
+)
 from apikeys.services import api_key_revoke
 from lockngen.client_address import address_from_meta, parse_networks
-from lockngen.database import ConfigError
+from lockngen.env import ConfigError
 from tests.factories import make_api_key
 from tests.redisproc import redis_process
 

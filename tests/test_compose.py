@@ -7,6 +7,7 @@ configuration it would run with; the PostgreSQL init script runs for real.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import subprocess
@@ -92,7 +93,7 @@ def test_api_is_built_here_and_waits_for_healthy_postgres_and_redis():
         "postgres": {"condition": "service_healthy"},
         "redis": {"condition": "service_healthy"},
     }
-    assert "8000:8000" in api["ports"]
+    assert "ports" not in api  # reachable only through `proxy` (SPEC §12)
     assert "/health/ready" in healthcheck_command("api")
     assert environment("api")["LOCKNGEN_ENV"] == "development"
 
@@ -148,7 +149,7 @@ def test_replicas_reach_postgres_only_through_pgbouncer():
     assert env["MIGRATE_ON_START"] == "0"  # only `api` migrates, directly
 
 
-def test_replicas_start_after_the_api_has_migrated_and_get_a_port_each():
+def test_replicas_start_after_the_api_has_migrated_and_sit_behind_the_proxy():
     replica = SERVICES["api-replica"]
     assert replica["depends_on"] == {
         "pgbouncer": {"condition": "service_healthy"},
@@ -156,13 +157,63 @@ def test_replicas_start_after_the_api_has_migrated_and_get_a_port_each():
         # healthy = /health/ready = migrated; replicas then find nothing to apply
         "api": {"condition": "service_healthy"},
     }
-    [mapping] = replica["ports"]
-    host_ports, container_port = mapping.rsplit(":", 1)
-    first, last = (int(port) for port in host_ports.split("-"))
-    assert container_port == "8000"
-    assert 8000 not in range(first, last + 1)  # the api keeps 8000
-    assert last - first >= 2  # --scale api-replica=3 fits
+    # Until issue 9 each replica published a host port; now only the proxy
+    # does, and it reaches every replica by the shared network alias.
+    assert "ports" not in replica
     assert "/health/ready" in healthcheck_command("api-replica")
+
+
+# --- the proxy (nginx, SPEC §12) ---------------------------------------------------
+
+PROXY = SERVICES["proxy"]
+NGINX_TEMPLATES = BASE_DIR / "docker" / "nginx" / "templates"
+
+
+def published_ports() -> dict[str, list[str]]:
+    return {
+        name: service["ports"]
+        for name, service in SERVICES.items()
+        if "ports" in service
+    }
+
+
+def test_the_proxy_is_the_only_published_http_port():
+    ports = published_ports()
+    assert ports.pop("proxy") == ["8000:80"]
+    assert ports.pop("postgres") == ["5432:5432"]
+    assert ports.pop("pgbouncer") == ["6432:5432"]
+    assert ports == {}, "a published port bypasses the proxy"
+    assert "profiles" not in PROXY  # in front of every way compose runs
+
+
+def test_the_proxy_runs_the_shipped_nginx_config_for_every_api_service():
+    assert PROXY["image"].startswith("nginx:")
+    assert "./docker/nginx/templates:/etc/nginx/templates:ro" in PROXY["volumes"]
+    assert "./docker/nginx/nginx.conf:/etc/nginx/nginx.conf:ro" in PROXY["volumes"]
+    assert sorted(path.name for path in NGINX_TEMPLATES.iterdir()) == [
+        "default.conf.template"
+    ]
+    env = environment("proxy")
+    host, port = env["LOCKNGEN_UPSTREAM"].rsplit(":", 1)
+    assert port == "8000"  # the image's PORT
+    for name in ("api", "api-replica"):
+        assert host in SERVICES[name]["networks"]["default"]["aliases"], name
+    assert PROXY["ports"] == [f"8000:{env['NGINX_PORT']}"]
+    assert PROXY["depends_on"]["api"] == {"condition": "service_healthy"}
+    assert PROXY["depends_on"]["api-replica"]["required"] is False
+    assert "/nginx-health" in healthcheck_command("proxy")
+
+
+def test_api_services_believe_x_forwarded_for_only_from_the_proxy():
+    [subnet] = COMPOSE["networks"]["default"]["ipam"]["config"]
+    network = ipaddress.ip_network(subnet["subnet"])
+    proxy_address = ipaddress.ip_address(PROXY["networks"]["default"]["ipv4_address"])
+    assert proxy_address in network
+    for name in ("api", "api-replica"):
+        trusted = environment(name)["TRUSTED_PROXIES"].split(",")
+        assert [ipaddress.ip_network(item) for item in trusted] == [
+            ipaddress.ip_network(f"{proxy_address}/32")
+        ], name
 
 
 def test_postgres_runs_our_init_scripts():
@@ -229,6 +280,7 @@ def test_image_runs_as_a_non_root_user():
 def test_image_defaults_to_production():
     env = " ".join(instruction_args("ENV"))
     assert "LOCKNGEN_ENV=production" in env
+    assert "LIVENESS_PORT=8001" in env  # the HEALTHCHECK's side port
     assert instruction_args("EXPOSE") == ["8000"]
 
 
@@ -292,7 +344,12 @@ def test_gunicorn_defaults():
     config = gunicorn_config()
     assert config["bind"] == "['0.0.0.0:8000']"
     assert (config["workers"], config["threads"]) == ("2", "4")
-    assert (config["worker_class"], config["timeout"]) == ("gthread", "60")
+    # gthread minus its blocking close on the event loop (lockngen.gunicorn_worker)
+    assert config["worker_class"] == "lockngen.gunicorn_worker.ThreadWorker"
+    assert config["timeout"] == "60"
+    assert config["control_socket_disable"] == "True"
+    assert config["forwarded_allow_ips"] == "['127.0.0.1/32', '::1/128']"
+    assert config["post_worker_init"] == "<post_worker_init()>"
     assert config["preload_app"] == "False"  # Django ticket #36957
     assert config["wsgi_app"] == "lockngen.wsgi:application"
     assert config["accesslog"] == "-"

@@ -6,18 +6,21 @@ import asyncio
 from datetime import timedelta
 
 import pytest
+import time_machine
 from asgiref.sync import async_to_sync
+from django.db import connection
 from django.db.models.functions import Now
+from django.utils import timezone
 from health_check.base import HealthCheckResult
 from health_check.exceptions import ServiceUnavailable, ServiceWarning
 
+from generations.health import QueueGauges
 from generations.models import Generation
 from generations.services import generation_claim_next
 from lockngen.health import (
     ConnectionPool,
     DatabaseBackend,
     Migrations,
-    QueueGauges,
     RateLimitCache,
     State,
     overall_state,
@@ -139,3 +142,25 @@ def test_gauges_stay_out_of_the_check_labels_and_repr():
     check.metrics = {"queued": 3}
     assert repr(check) == "QueueGauges(alias='default')"
     assert check.labels == {"check": "QueueGauges", "alias": "default"}
+
+
+@pytest.mark.django_db
+def test_queue_age_is_taken_on_the_database_clock():
+    """An app server whose clock runs a day ahead reports the same age."""
+    old = make_generation()
+    Generation.objects.filter(pk=old.pk).update(created_at=Now() - timedelta(hours=2))
+    check = QueueGauges()
+    with time_machine.travel(timezone.now() + timedelta(days=1), tick=True):
+        async_to_sync(check.run)()
+    assert 7200 <= check.metrics["oldest_queued_age_seconds"] < 7200 + 3600
+
+
+@pytest.mark.django_db
+def test_a_missing_record_of_an_earlier_migration_is_pending():
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "DELETE FROM django_migrations WHERE app = 'apikeys' AND name = %s",
+            ["0001_initial"],
+        )
+    with pytest.raises(ServiceUnavailable, match=r"apikeys\.0001_initial"):
+        async_to_sync(Migrations().run)()

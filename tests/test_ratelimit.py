@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from apikeys.auth import RATE_LIMIT_WINDOW_SECONDS, RateLimited, rate_limit_hit
+from apikeys.ratelimit import RATE_LIMIT_WINDOW_SECONDS, RateLimited, rate_limit_hit
 from tests.factories import make_api_key
 from tests.serving import closed_port
 

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from lockngen.database import ConfigError, database_config, redact_url
+from lockngen.database import database_config, redact_url
+from lockngen.env import ConfigError
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 URL = "postgres://lockn:s3cr3t-pw@db.example:6543/lockngen"
@@ -101,7 +103,7 @@ def test_without_database_url_development_falls_back_to_sqlite(tmp_path):
     assert db["ENGINE"] == "django.db.backends.sqlite3"
     assert db["NAME"] == str(tmp_path / "var" / "lockngen.sqlite3")
     assert db["FALLBACK"] is True
-    assert (tmp_path / "var").is_dir()
+    assert not (tmp_path / "var").exists()  # a pure function: start-up makes it
 
 
 @pytest.mark.sqlite_smoke
@@ -216,3 +218,46 @@ def test_debug_error_reports_hide_connection_urls(rf):
     assert "s3cr3t-pw" not in str(meta)
     assert "hunter2" not in str(meta)
     assert meta["DATABASE_URL"] == "********************"
+
+
+@pytest.mark.sqlite_smoke
+def test_a_malformed_dev_key_stops_start_up_with_one_line_that_hides_it():
+    result = run_manage("check", LOCKNGEN_DEV_API_KEY="lk_short_s3cr3t-value")
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "LOCKNGEN_DEV_API_KEY" in lines[0]
+    assert "s3cr3t-value" not in result.stderr
+
+
+@pytest.mark.sqlite_smoke
+def test_test_only_apps_are_never_installed_in_production():
+    code = (
+        "from django.conf import settings as s;"
+        "print('tests.migration_app' in s.INSTALLED_APPS)"
+    )
+    extra = {"LOCKNGEN_EXTRA_APPS": "tests.migration_app"}
+    production = run_manage("shell", "-v", "0", "-c", code, **PRODUCTION, **extra)
+    development = run_manage("shell", "-v", "0", "-c", code, **extra)
+    assert (production.stdout.strip(), development.stdout.strip()) == ("False", "True")
+
+
+def test_importing_settings_needs_no_app_and_writes_nothing(tmp_path):
+    # The core package alone, as its own BASE_DIR: an import of an app
+    # module fails, a directory made by the import shows.
+    shutil.copytree(
+        BASE_DIR / "lockngen",
+        tmp_path / "lockngen",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    clean = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    result = subprocess.run(
+        [sys.executable, "-c", "import lockngen.settings"],
+        cwd=tmp_path,
+        env=clean,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["lockngen"]

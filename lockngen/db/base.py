@@ -18,8 +18,9 @@ from tenacity import (
     Retrying,
     retry_if_exception,
     stop_after_attempt,
-    wait_exponential,
 )
+
+from lockngen.database import connect_retry_delay
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,10 @@ def _log_retry(state: RetryCallState) -> None:
     )
 
 
+def _connect_wait(state: RetryCallState) -> float:
+    return connect_retry_delay(state.attempt_number)
+
+
 class DatabaseWrapper(base.DatabaseWrapper):
     def get_connection_params(self) -> dict[str, Any]:
         params = super().get_connection_params()
@@ -76,8 +81,7 @@ class DatabaseWrapper(base.DatabaseWrapper):
         retrying = Retrying(
             retry=retry_if_exception(is_transient_connect_error),
             stop=stop_after_attempt(1 + retries),
-            # Same schedule as lockngen.database.connect_retry_delays().
-            wait=wait_exponential(multiplier=0.1, min=0.1, max=2.0),
+            wait=_connect_wait,
             before_sleep=_log_retry,
             reraise=True,
         )

@@ -5,24 +5,11 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from apikeys.models import ApiKey
+from apikeys.models import DEFAULT_RATE_LIMIT, ApiKey
 from apikeys.services import api_key_create
+from lockngen.management.arguments import non_negative, positive
 
 NAME_MAX_LENGTH = ApiKey._meta.get_field("name").max_length
-
-
-def non_negative(value: str) -> int:
-    number = int(value)
-    if number < 0:
-        raise ValueError(value)
-    return number
-
-
-def positive(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise ValueError(value)
-    return number
 
 
 class Command(BaseCommand):
@@ -39,9 +26,9 @@ class Command(BaseCommand):
         parser.add_argument(
             "--rate-limit",
             type=non_negative,
-            default=100,
+            default=DEFAULT_RATE_LIMIT,
             metavar="N",
-            help="requests per minute; 0 = unlimited (default 100)",
+            help="requests per minute; 0 = unlimited (default %(default)s)",
         )
         parser.add_argument(
             "--expires-in-days",

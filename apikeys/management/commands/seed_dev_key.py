@@ -5,7 +5,7 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from apikeys.services import api_key_seed_dev
+from apikeys.services import api_key_seed_dev, dev_api_key
 
 
 class Command(BaseCommand):
@@ -27,4 +27,4 @@ class Command(BaseCommand):
             raise CommandError(str(exc)) from None
         self.stdout.write(f"development admin key {api_key.key_prefix}… is ready")
         if options["print"]:
-            self.stdout.write(f"  API key   {settings.LOCKNGEN_DEV_API_KEY}")
+            self.stdout.write(f"  API key   {dev_api_key()}")

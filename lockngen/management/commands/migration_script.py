@@ -291,7 +291,7 @@ class Command(BaseCommand):
         the target's.
         """
 
-        class RehearsingEditor(connection.SchemaEditorClass):  # type: ignore[name-defined]
+        class RehearsingEditor(connection.SchemaEditorClass):
             def execute(self, sql: Any, params: Any = ()) -> None:
                 start = len(self.collected_sql)
                 super().execute(sql, params)

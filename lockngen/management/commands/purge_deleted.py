@@ -19,22 +19,9 @@ from django.db.models.functions import Now
 
 from apikeys.models import ApiKey
 from generations.models import Generation
+from lockngen.management.arguments import non_negative, positive
 
 logger = logging.getLogger(__name__)
-
-
-def positive(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise ValueError(value)
-    return number
-
-
-def non_negative(value: str) -> int:
-    number = int(value)
-    if number < 0:
-        raise ValueError(value)
-    return number
 
 
 def purge(candidates: QuerySet, *, batch_size: int) -> int:

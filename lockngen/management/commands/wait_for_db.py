@@ -28,12 +28,8 @@ def database_address(alias: str = "default") -> str:
 
 def ping(alias: str = "default") -> None:
     """Open a fresh connection, run ``SELECT 1`` and close it again."""
-    connection = connections[alias]
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT 1")
-    finally:
-        connection.close()
+    with connections[alias].temporary_connection() as cursor:
+        cursor.execute("SELECT 1")
 
 
 class Command(BaseCommand):
