@@ -45,34 +45,19 @@ from lockngen.http.views import (
     ApiViewSet,
     created,
     get_or_404,
-    iso_datetime,
     parse_uuid,
 )
 
 
-def api_key_json(api_key: ApiKey) -> dict[str, Any]:
-    """The API shape of a key (SPEC §5): never the hash, never the raw key."""
-    return {
-        "id": str(api_key.id),
-        "name": api_key.name,
-        "prefix": api_key.key_prefix,
-        "is_admin": api_key.is_admin,
-        "rate_limit": api_key.rate_limit,
-        "created_at": iso_datetime(api_key.created_at),
-        "last_used_at": iso_datetime(api_key.last_used_at),
-        "expires_at": iso_datetime(api_key.expires_at),
-        "revoked_at": iso_datetime(api_key.revoked_at),
-        "is_active": api_key.is_active,
-    }
-
-
 class ApiKeySerializer(serializers.Serializer):
-    """Documents ``api_key_json`` for the schema."""
+    """The API shape of a key (SPEC §5): never the hash, never the raw key."""
 
     id = serializers.UUIDField(read_only=True)
     name = serializers.CharField(read_only=True)
     prefix = serializers.CharField(
-        read_only=True, help_text="The key's first 11 characters (lk_ + 8)."
+        source="key_prefix",
+        read_only=True,
+        help_text="The key's first 11 characters (lk_ + 8).",
     )
     is_admin = serializers.BooleanField(read_only=True)
     rate_limit = serializers.IntegerField(
@@ -84,8 +69,15 @@ class ApiKeySerializer(serializers.Serializer):
     revoked_at = serializers.DateTimeField(read_only=True, allow_null=True)
     is_active = serializers.BooleanField(read_only=True)
 
-    def to_representation(self, instance: ApiKey) -> dict[str, Any]:
-        return api_key_json(instance)
+
+# One instance for every response: its fields are built once, and
+# ``to_representation`` keeps no state (a page of 100 keys would otherwise
+# build 100 serializers).
+_KEY_SHAPE = ApiKeySerializer()
+
+
+def api_key_json(api_key: ApiKey) -> dict[str, Any]:
+    return dict(_KEY_SHAPE.to_representation(api_key))
 
 
 class NewApiKeySerializer(ApiKeySerializer):
