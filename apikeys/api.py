@@ -16,7 +16,7 @@ from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from apikeys.auth import HasApiKey, IsAdminKey
+from apikeys.auth import IsAdminKey
 from apikeys.models import ApiKey
 from apikeys.services import (
     api_key_create,
@@ -24,51 +24,40 @@ from apikeys.services import (
     api_key_revoke,
     is_in_the_future,
 )
-from lockngen.api import (
-    ADMIN_ERRORS,
-    AUTH_ERRORS,
-    BAD_REQUEST,
-    UNSUPPORTED_MEDIA_TYPE,
-    ApiViewSet,
+from lockngen.http.fields import (
     StrictBooleanField,
     StrictCharField,
     StrictIntegerField,
     StrictSerializer,
-    created,
+    model_field,
+    validated,
+)
+from lockngen.http.pagination import paginate
+from lockngen.http.schema import (
+    ADMIN_ERRORS,
+    AUTH_ERRORS,
+    BAD_REQUEST,
+    UNSUPPORTED_MEDIA_TYPE,
     documented,
     error,
+)
+from lockngen.http.views import (
+    ApiViewSet,
+    created,
     get_or_404,
-    iso_datetime,
-    model_field,
-    paginate,
     parse_uuid,
-    validated,
 )
 
 
-def api_key_json(api_key: ApiKey) -> dict[str, Any]:
-    """The API shape of a key (SPEC §5): never the hash, never the raw key."""
-    return {
-        "id": str(api_key.id),
-        "name": api_key.name,
-        "prefix": api_key.key_prefix,
-        "is_admin": api_key.is_admin,
-        "rate_limit": api_key.rate_limit,
-        "created_at": iso_datetime(api_key.created_at),
-        "last_used_at": iso_datetime(api_key.last_used_at),
-        "expires_at": iso_datetime(api_key.expires_at),
-        "revoked_at": iso_datetime(api_key.revoked_at),
-        "is_active": api_key.is_active,
-    }
-
-
 class ApiKeySerializer(serializers.Serializer):
-    """Documents ``api_key_json`` for the schema."""
+    """The API shape of a key (SPEC §5): never the hash, never the raw key."""
 
     id = serializers.UUIDField(read_only=True)
     name = serializers.CharField(read_only=True)
     prefix = serializers.CharField(
-        read_only=True, help_text="The key's first 11 characters (lk_ + 8)."
+        source="key_prefix",
+        read_only=True,
+        help_text="The key's first 11 characters (lk_ + 8).",
     )
     is_admin = serializers.BooleanField(read_only=True)
     rate_limit = serializers.IntegerField(
@@ -80,8 +69,15 @@ class ApiKeySerializer(serializers.Serializer):
     revoked_at = serializers.DateTimeField(read_only=True, allow_null=True)
     is_active = serializers.BooleanField(read_only=True)
 
-    def to_representation(self, instance: ApiKey) -> dict[str, Any]:
-        return api_key_json(instance)
+
+# One instance for every response: its fields are built once, and
+# ``to_representation`` keeps no state (a page of 100 keys would otherwise
+# build 100 serializers).
+_KEY_SHAPE = ApiKeySerializer()
+
+
+def api_key_json(api_key: ApiKey) -> dict[str, Any]:
+    return dict(_KEY_SHAPE.to_representation(api_key))
 
 
 class NewApiKeySerializer(ApiKeySerializer):
@@ -168,7 +164,7 @@ class ApiKeyViewSet(ApiViewSet):
 
     def get_permissions(self) -> list[Any]:
         if self.action == "me":
-            return [HasApiKey()]
+            return super().get_permissions()  # REST_FRAMEWORK's default: any key
         return [IsAdminKey()]
 
     def list(self, request: Request) -> Response:

@@ -11,10 +11,12 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from django.conf import settings
 from rest_framework import exceptions
 from rest_framework.request import Request
+from rest_framework.throttling import BaseThrottle
 
 from apikeys.models import ApiKey
 from lockngen.client_address import client_address
@@ -80,6 +82,31 @@ class RateLimited(exceptions.Throttled):
     def __init__(self, state: RateLimitState) -> None:
         super().__init__(wait=state.reset_seconds)
         self.state = state
+
+
+class ApiKeyRateThrottle(BaseThrottle):
+    """``rate_limit_hit`` as a DRF throttle (``REST_FRAMEWORK`` names it);
+    keeps the state the ``X-RateLimit-*`` headers report. No key, no count."""
+
+    def __init__(self) -> None:
+        self.state: RateLimitState | None = None
+
+    def allow_request(self, request: Request, view: Any) -> bool:
+        if request.auth is None:
+            return True
+        try:
+            self.state = rate_limit_hit(request.auth)
+        except RateLimited as exc:
+            self.state = exc.state
+            return False
+        return True
+
+    def wait(self) -> float | None:
+        return None if self.state is None else self.state.reset_seconds
+
+    def headers(self) -> dict[str, str]:
+        """``X-RateLimit-*`` for the response (none for unlimited keys)."""
+        return {} if self.state is None else self.state.headers()
 
 
 # --- Failed authentications per client address (SPEC §12) ---------------------

@@ -19,7 +19,7 @@ from apikeys.keys import (
     key_prefix,
 )
 from apikeys.models import DEFAULT_RATE_LIMIT, IS_ACTIVE_NOW, ApiKey
-from lockngen.prepared import PreparedQuery
+from apikeys.selectors import api_key_active_by_hash
 
 logger = logging.getLogger(__name__)
 
@@ -90,16 +90,6 @@ def api_key_restore_many(*, queryset: QuerySet[ApiKey]) -> int:
     return queryset.restore()
 
 
-# Every API request runs this lookup: compiled to SQL once (lockngen.prepared).
-# It finds only an active key, by ``active_condition()`` at the database's now.
-_ACTIVE_KEY_BY_HASH = PreparedQuery(
-    lambda key_hash: ApiKey.objects.filter(key_hash=key_hash).filter(
-        ApiKey.active_condition()
-    ),
-    key_hash="0" * 64,
-)
-
-
 def api_key_authenticate(raw_key: str) -> ApiKey | None:
     """The active key for ``raw_key``, or None. One indexed lookup by hash.
 
@@ -109,7 +99,7 @@ def api_key_authenticate(raw_key: str) -> ApiKey | None:
         return None
     if raw_key == DEFAULT_DEV_API_KEY and settings.PRODUCTION:
         return None
-    api_key = _ACTIVE_KEY_BY_HASH.first(key_hash=hash_key(raw_key))
+    api_key = api_key_active_by_hash(key_hash=hash_key(raw_key))
     if api_key is None:
         return None
     _touch_last_used(api_key)

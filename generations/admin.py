@@ -16,14 +16,13 @@ from django.http import HttpRequest
 
 from generations.models import Generation, InvalidTransition
 from generations.services import (
+    editable_fields,
     generation_cancel,
     generation_delete_many,
     generation_restore_many,
     generation_update,
 )
 from lockngen.admin import SoftDeleteAdmin
-
-EDITABLE_FIELDS = ("name", "prompt_id")
 
 
 @admin.register(Generation)
@@ -72,7 +71,7 @@ class GenerationAdmin(SoftDeleteAdmin):
             name
             for group in self.fields
             for name in (group if isinstance(group, tuple) else (group,))
-            if name not in EDITABLE_FIELDS
+            if name not in editable_fields(by_admin=True)
         ]
 
     def has_add_permission(self, request: HttpRequest) -> bool:
@@ -95,7 +94,7 @@ class GenerationAdmin(SoftDeleteAdmin):
     ) -> None:
         changed = {name: form.cleaned_data[name] for name in form.changed_data}
         if changed:
-            generation_update(generation=obj, **changed)
+            generation_update(generation=obj, by_admin=True, **changed)
 
     @admin.action(permissions=["change"], description="Cancel selected generations")
     def cancel(self, request: HttpRequest, queryset: QuerySet) -> None:

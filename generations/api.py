@@ -2,30 +2,36 @@
 
 Clients create, list, read, rename, cancel and delete their own jobs; workers
 (admin keys) claim jobs, keep their lease alive and report the outcome. The
-output is built by ``generation_json`` (a plain function, not serializer field
-machinery: the read path is the hot path). ``GenerationSerializer`` exists to
-document that shape in the OpenAPI schema.
+output is built by ``generation_json`` from the ``OUTPUT`` table (plain
+functions: the read path is the hot path); ``GenerationSerializer`` is
+generated from the same table to document it in the OpenAPI schema.
 """
 
 from __future__ import annotations
 
-import uuid
-from decimal import Decimal
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
-from django.core.exceptions import ValidationError as DjangoValidationError
-from django.db.models import Func, QuerySet, UUIDField, Value
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema_view
 from rest_framework import exceptions, serializers
 from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.utils.field_mapping import ClassLookupDict
 
-from apikeys.auth import HasApiKey, IsAdminKey
-from apikeys.models import ApiKey
-from generations.models import Generation, InvalidTransition, Status
+from apikeys.auth import IsAdminKey
+from generations.models import (
+    LIMITS,
+    Generation,
+    InvalidTransition,
+    Status,
+    decimals_validator,
+)
+from generations.selectors import generation_get, generation_list
 from generations.services import (
+    EDITABLE_FIELDS,
+    FieldNotEditable,
     IdempotencyConflict,
     IdempotencyKeyReused,
     LeaseLost,
@@ -38,68 +44,85 @@ from generations.services import (
     generation_heartbeat,
     generation_update,
 )
-from lockngen.api import (
-    ADMIN_ERRORS,
-    AUTH_ERRORS,
-    BAD_REQUEST,
-    UNSUPPORTED_MEDIA_TYPE,
-    ApiViewSet,
-    ConflictSerializer,
+from lockngen.http.fields import (
     StrictCharField,
     StrictFloatField,
     StrictIntegerField,
     StrictSerializer,
     StrictUUIDField,
-    created,
-    documented,
-    error,
-    get_or_404,
-    iso_datetime,
     model_field,
-    paginate,
-    parse_uuid,
     validated,
 )
-from lockngen.prepared import PreparedQuery
+from lockngen.http.pagination import paginate
+from lockngen.http.schema import (
+    ADMIN_ERRORS,
+    AUTH_ERRORS,
+    BAD_REQUEST,
+    UNSUPPORTED_MEDIA_TYPE,
+    ConflictSerializer,
+    documented,
+    error,
+)
+from lockngen.http.views import (
+    ApiViewSet,
+    created,
+    iso_datetime,
+    parse_uuid,
+)
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 IDEMPOTENCY_MAX_LENGTH = Generation._meta.get_field("idempotency_key").max_length
-GUIDANCE_DECIMALS = 2
-STATUS_NAMES = {status.value: status.label for status in Status}
-STATUS_BY_NAME = {status.label: status.value for status in Status}
+STATUS_BY_NAME = {status.label: status for status in Status}
 
 
 # --- Output ------------------------------------------------------------------
 
 
+def _as_is(value: Any) -> Any:
+    return value
+
+
+def _status_name(value: int) -> str:
+    return Status(value).label
+
+
+def _guidance(value: float) -> float:
+    return round(value, LIMITS["guidance"].decimals)
+
+
+# The API shape of a generation (SPEC §5): every field, and how its value is
+# written. ``generation_json`` writes it; the schema's ``GenerationSerializer``
+# is generated from it. Plain functions, not serializer field machinery: the
+# read path is the hot path.
+OUTPUT: dict[str, Callable[[Any], Any]] = {
+    "id": str,
+    "name": _as_is,
+    "prompt": _as_is,
+    "negative_prompt": _as_is,
+    "model": _as_is,
+    "width": _as_is,
+    "height": _as_is,
+    "steps": _as_is,
+    "guidance": _guidance,
+    "seed": _as_is,
+    "status": _status_name,
+    "prompt_id": _as_is,
+    "output_path": _as_is,
+    "thumbnail_path": _as_is,
+    "error_message": _as_is,
+    "created_at": iso_datetime,
+    "updated_at": iso_datetime,
+    "started_at": iso_datetime,
+    "completed_at": iso_datetime,
+    "duration_ms": _as_is,
+    "attempts": _as_is,
+    "lease_expires_at": iso_datetime,
+}
+
+
 def generation_json(generation: Generation) -> dict[str, Any]:
     """The API shape of a generation (SPEC §5)."""
-    g = generation
-    return {
-        "id": str(g.id),
-        "name": g.name,
-        "prompt": g.prompt,
-        "negative_prompt": g.negative_prompt,
-        "model": g.model,
-        "width": g.width,
-        "height": g.height,
-        "steps": g.steps,
-        # Stored as real (7.55 reads back as 7.550000190734863).
-        "guidance": round(g.guidance, GUIDANCE_DECIMALS),
-        "seed": g.seed,
-        "status": STATUS_NAMES[g.status],
-        "prompt_id": g.prompt_id,
-        "output_path": g.output_path,
-        "thumbnail_path": g.thumbnail_path,
-        "error_message": g.error_message,
-        "created_at": iso_datetime(g.created_at),
-        "updated_at": iso_datetime(g.updated_at),
-        "started_at": iso_datetime(g.started_at),
-        "completed_at": iso_datetime(g.completed_at),
-        "duration_ms": g.duration_ms,
-        "attempts": g.attempts,
-        "lease_expires_at": iso_datetime(g.lease_expires_at),
-    }
+    return {name: write(getattr(generation, name)) for name, write in OUTPUT.items()}
 
 
 def leased_json(generation: Generation) -> dict[str, Any]:
@@ -113,40 +136,37 @@ def leased_json(generation: Generation) -> dict[str, Any]:
     }
 
 
-def _out(name: str, field_class: type[serializers.Field]) -> Any:
+_DRF_FIELD_FOR = ClassLookupDict(serializers.ModelSerializer.serializer_field_mapping)
+
+
+def _documented(name: str) -> serializers.Field:
+    """The schema of one ``OUTPUT`` field, read from the model field."""
+    if name == "status":
+        return serializers.ChoiceField(choices=list(STATUS_BY_NAME), read_only=True)
+    db_field = Generation._meta.get_field(name)
     return model_field(
-        Generation, name, field_class, read_only=True, default=serializers.empty
+        Generation,
+        name,
+        _DRF_FIELD_FOR[db_field],
+        read_only=True,
+        default=serializers.empty,
     )
 
 
-class GenerationSerializer(serializers.Serializer):
-    """Documents ``generation_json`` for the schema."""
-
-    id = serializers.UUIDField(read_only=True)
-    name = _out("name", serializers.CharField)
-    prompt = _out("prompt", serializers.CharField)
-    negative_prompt = _out("negative_prompt", serializers.CharField)
-    model = _out("model", serializers.CharField)
-    width = _out("width", serializers.IntegerField)
-    height = _out("height", serializers.IntegerField)
-    steps = _out("steps", serializers.IntegerField)
-    guidance = _out("guidance", serializers.FloatField)
-    seed = _out("seed", serializers.IntegerField)
-    status = serializers.ChoiceField(choices=list(STATUS_BY_NAME), read_only=True)
-    prompt_id = _out("prompt_id", serializers.CharField)
-    output_path = _out("output_path", serializers.CharField)
-    thumbnail_path = _out("thumbnail_path", serializers.CharField)
-    error_message = _out("error_message", serializers.CharField)
-    created_at = serializers.DateTimeField(read_only=True)
-    updated_at = serializers.DateTimeField(read_only=True, allow_null=True)
-    started_at = serializers.DateTimeField(read_only=True, allow_null=True)
-    completed_at = serializers.DateTimeField(read_only=True, allow_null=True)
-    duration_ms = serializers.IntegerField(read_only=True, allow_null=True)
-    attempts = serializers.IntegerField(read_only=True)
-    lease_expires_at = serializers.DateTimeField(read_only=True, allow_null=True)
-
+class _GenerationShape(serializers.Serializer):
     def to_representation(self, instance: Generation) -> dict[str, Any]:
         return generation_json(instance)
+
+
+GenerationSerializer = type(
+    "GenerationSerializer",
+    (_GenerationShape,),
+    {
+        "__module__": __name__,
+        "__doc__": "Documents ``generation_json`` for the schema.",
+        **{name: _documented(name) for name in OUTPUT},
+    },
+)
 
 
 class LeasedGenerationSerializer(GenerationSerializer):
@@ -169,15 +189,6 @@ class LeasedGenerationSerializer(GenerationSerializer):
 # --- Input -------------------------------------------------------------------
 
 
-def at_most_two_decimals(value: float) -> None:
-    exponent = Decimal(repr(value)).as_tuple().exponent
-    if isinstance(exponent, int) and exponent < -GUIDANCE_DECIMALS:
-        raise DjangoValidationError(
-            f"Ensure that there are no more than {GUIDANCE_DECIMALS} decimal places.",
-            code="max_decimal_places",
-        )
-
-
 def _in(name: str, field_class: type[serializers.Field], **kwargs: Any) -> Any:
     return model_field(Generation, name, field_class, **kwargs)
 
@@ -198,17 +209,27 @@ class GenerationCreateSerializer(StrictSerializer):
     guidance = _in(
         "guidance",
         StrictFloatField,
-        extra_validators=(at_most_two_decimals,),
-        help_text="At most 2 decimal places.",
+        extra_validators=(decimals_validator("guidance"),),
+        help_text=f"At most {LIMITS['guidance'].decimals} decimal places.",
     )
     seed = _in("seed", StrictIntegerField)
 
 
-class GenerationUpdateSerializer(StrictSerializer):
-    """Fields to change; ``prompt_id`` needs an admin key."""
-
-    name = _in("name", StrictCharField)
-    prompt_id = _in("prompt_id", StrictCharField, help_text="Admin keys only.")
+# Every editable field is text.
+GenerationUpdateSerializer = type(
+    "GenerationUpdateSerializer",
+    (StrictSerializer,),
+    {
+        "__module__": __name__,
+        "__doc__": "Fields to change; ``prompt_id`` needs an admin key.",
+        **{
+            name: _in(name, StrictCharField, help_text="Admin keys only.")
+            if admin_only
+            else _in(name, StrictCharField)
+            for name, admin_only in EDITABLE_FIELDS.items()
+        },
+    },
+)
 
 
 LEASE_HELP = "The lease_token of the claim that handed out this job."
@@ -279,41 +300,6 @@ LEASE_CONFLICT = {
         "(named in the body).",
         ConflictSerializer,
     )
-}
-
-
-def listable(api_key: ApiKey) -> QuerySet:
-    """``Generation.objects.for_key(api_key)``, phrased so a list uses its index.
-
-    Compared with a literal key id, PostgreSQL plans a page of a heavy key
-    (one in its most-common-values statistics) as a backwards walk of the
-    seed ``created_at`` index that filters out everyone else's rows: cheap
-    while the key's rows are spread over time, 160 ms a page once they are all
-    older than other keys' (``python -m bench scale``, the quiet key: 875,000
-    rows filtered). Compared with ``(SELECT <key id>)`` the same value is a
-    parameter the planner cannot see: it assumes an average key and walks
-    ``generations_key_list_idx``, which is right for every key
-    (docs/PERFORMANCE.md, "Scale").
-    """
-    if api_key.is_admin:
-        return Generation.objects.all()
-    key_id = Func(
-        Value(api_key.pk, output_field=UUIDField()),
-        template="(SELECT %(expressions)s)",
-        output_field=UUIDField(),
-    )
-    return Generation.objects.filter(api_key_id=key_id)
-
-
-# The read path's one query, compiled once (lockngen.prepared): what
-# ``for_key`` lets a key see, by id; admin keys see every generation.
-_VISIBLE_BY_ID = {
-    is_admin: PreparedQuery(
-        lambda api_key, pk: Generation.objects.for_key(api_key).filter(pk=pk),
-        api_key=ApiKey(pk=uuid.UUID(int=1), is_admin=is_admin),
-        pk=uuid.UUID(int=2),
-    )
-    for is_admin in (False, True)
 }
 
 
@@ -457,11 +443,14 @@ class GenerationViewSet(ApiViewSet):
     def get_permissions(self) -> list[Any]:
         if self.action in self.WORKER_ACTIONS:
             return [IsAdminKey()]
-        return [HasApiKey()]
+        return super().get_permissions()  # REST_FRAMEWORK's default: any key
 
-    def visible(self) -> QuerySet:
-        """What the calling key may see: its own generations; admin: all."""
-        return Generation.objects.for_key(self.request.auth)
+    def visible(self, id: str) -> Generation:
+        """The generation with this id if the calling key may see it; else 404."""
+        generation = generation_get(api_key=self.request.auth, pk=parse_uuid(id))
+        if generation is None:
+            raise exceptions.NotFound()
+        return generation
 
     def list(self, request: Request) -> Response:
         params = request.query_params
@@ -469,11 +458,11 @@ class GenerationViewSet(ApiViewSet):
             GenerationFilterSerializer,
             {name: params[name] for name in ("status", "model") if name in params},
         )
-        queryset = listable(request.auth)
-        if "status" in filters:
-            queryset = queryset.filter(status=STATUS_BY_NAME[filters["status"]])
-        if "model" in filters:
-            queryset = queryset.filter(model=filters["model"])
+        queryset = generation_list(
+            api_key=request.auth,
+            status=STATUS_BY_NAME.get(filters.get("status")),
+            model=filters.get("model"),
+        )
         return paginate(self, queryset, generation_json)
 
     def create(self, request: Request) -> Response:
@@ -505,27 +494,26 @@ class GenerationViewSet(ApiViewSet):
         return created(body, request, f"/api/v1/generations/{generation.id}")
 
     def retrieve(self, request: Request, id: str) -> Response:
-        generation = _VISIBLE_BY_ID[request.auth.is_admin].first(
-            api_key=request.auth, pk=parse_uuid(id)
-        )
-        if generation is None:
-            raise exceptions.NotFound()
-        return Response(generation_json(generation))
+        return Response(generation_json(self.visible(id)))
 
     def partial_update(self, request: Request, id: str) -> Response:
-        generation = get_or_404(self.visible(), id)
+        generation = self.visible(id)
         fields = validated(GenerationUpdateSerializer, request.data, partial=True)
-        if "prompt_id" in fields and not request.auth.is_admin:
-            raise exceptions.PermissionDenied("Only admin keys may set prompt_id.")
         if fields:
             try:
-                generation = generation_update(generation=generation, **fields)
+                generation = generation_update(
+                    generation=generation, by_admin=request.auth.is_admin, **fields
+                )
+            except FieldNotEditable as exc:  # the serializer allows no others
+                raise exceptions.PermissionDenied(
+                    f"Only admin keys may set {', '.join(exc.fields)}."
+                ) from None
             except Generation.DoesNotExist:  # deleted by a concurrent request
                 raise exceptions.NotFound() from None
         return Response(generation_json(generation))
 
     def destroy(self, request: Request, id: str) -> Response:
-        generation = get_or_404(self.visible(), id)
+        generation = self.visible(id)
         try:
             generation_delete(generation=generation)
         except Generation.DoesNotExist:  # deleted by a concurrent request
@@ -598,7 +586,7 @@ class GenerationViewSet(ApiViewSet):
         )
 
     def _transition(self, id: str, verb: str, service: Any) -> Response:
-        generation = get_or_404(self.visible(), id)
+        generation = self.visible(id)
         try:
             generation = service(generation=generation)
         except Generation.DoesNotExist:  # deleted since it was read

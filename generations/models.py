@@ -2,18 +2,22 @@
 
 Each limit is defined once (``LIMITS``) and used both as a field validator
 (for DRF and forms, which do not call ``full_clean``) and as a database CHECK
-constraint (so raw SQL cannot write a bad row either).
+constraint (so raw SQL cannot write a bad row either); the decimal places a
+client may send are checked by the API's input fields.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, ClassVar
+from decimal import Decimal
+from typing import Any, ClassVar, NamedTuple
 
 from django.contrib.postgres.functions import RandomUUID as PostgresRandomUUID
 from django.core.exceptions import ValidationError
 from django.core.validators import (
+    DecimalValidator,
     MaxValueValidator,
     MinLengthValidator,
     MinValueValidator,
@@ -30,19 +34,40 @@ from lockngen.softdelete import SoftDeleteManager, SoftDeleteModel, SoftDeleteQu
 SEED_MAX = 2**63 - 1
 DIMENSION_MULTIPLE = 8
 
-# field -> (minimum, maximum); the one definition of every numeric range.
-LIMITS: dict[str, tuple[int | float, int | float]] = {
-    "width": (64, 4096),
-    "height": (64, 4096),
-    "steps": (1, 150),
-    "guidance": (0, 30),
-    "seed": (0, SEED_MAX),
+
+class Limit(NamedTuple):
+    low: int | float
+    high: int | float
+    decimals: int | None = None  # the most decimal places a value may have
+
+
+# The one definition of every numeric limit.
+LIMITS: dict[str, Limit] = {
+    "width": Limit(64, 4096),
+    "height": Limit(64, 4096),
+    "steps": Limit(1, 150),
+    # Stored as real (7.55 reads back as 7.550000190734863): the API also
+    # rounds it to these places on the way out.
+    "guidance": Limit(0, 30, decimals=2),
+    "seed": Limit(0, SEED_MAX),
 }
 
 
 def range_validators(field: str) -> list[Any]:
-    low, high = LIMITS[field]
-    return [MinValueValidator(low), MaxValueValidator(high)]
+    limit = LIMITS[field]
+    return [MinValueValidator(limit.low), MaxValueValidator(limit.high)]
+
+
+def decimals_validator(field: str) -> Callable[[float], None]:
+    """Refuse a float with more decimal places than ``LIMITS[field]`` allows."""
+    validator = DecimalValidator(max_digits=None, decimal_places=LIMITS[field].decimals)
+
+    def validate(value: float) -> None:
+        # repr: the shortest text that reads back as this float (7.55, not
+        # 7.54999…), i.e. what the client wrote.
+        validator(Decimal(repr(value)))
+
+    return validate
 
 
 def validate_multiple_of_8(value: int) -> None:
@@ -126,10 +151,6 @@ def expired_lease() -> Q:
 
 
 class GenerationQuerySet(SoftDeleteQuerySet):
-    def for_key(self, api_key: Any) -> GenerationQuerySet:
-        """What a key may see: its own generations; an admin key sees all."""
-        return self if api_key.is_admin else self.filter(api_key=api_key)
-
     def queue_head(self) -> GenerationQuerySet:
         return self.filter(status=Status.QUEUED).order_by("created_at", "id")
 
@@ -258,10 +279,12 @@ class Generation(SoftDeleteModel):
             ),
             *[
                 models.CheckConstraint(
-                    condition=Q(**{f"{field}__gte": low, f"{field}__lte": high}),
+                    condition=Q(
+                        **{f"{field}__gte": limit.low, f"{field}__lte": limit.high}
+                    ),
                     name=f"generations_{field}_range",
                 )
-                for field, (low, high) in LIMITS.items()
+                for field, limit in LIMITS.items()
             ],
             *[
                 models.CheckConstraint(

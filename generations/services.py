@@ -13,7 +13,7 @@ import uuid
 from typing import Any
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import QuerySet
 from django.db.models.functions import Now
 
@@ -26,16 +26,11 @@ from generations.models import (
     lease_expiry,
     transition_values,
 )
-from lockngen.prepared import PreparedInsert
+from lockngen.rows import insert_one
 
 logger = logging.getLogger(__name__)
 
 EXPIRED_SWEEP_BATCH = 100
-
-
-# ``generation.save(force_insert=True)`` with the INSERT compiled once: the
-# create endpoint's biggest single cost after the database round trip.
-_INSERT = PreparedInsert(Generation)
 
 
 class IdempotencyConflict(Exception):
@@ -59,6 +54,15 @@ def request_fingerprint(generation: Generation) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def _insert(generation: Generation) -> Generation:
+    # The create endpoint's INSERT as a fixed SQL string on PostgreSQL: the
+    # ORM compiles it anew on every save (docs/PERFORMANCE.md, "Write path").
+    if connection.vendor != "postgresql":
+        generation.save(force_insert=True)
+        return generation
+    return insert_one(generation)
+
+
 def generation_create(
     *,
     api_key: ApiKey | None,
@@ -74,13 +78,11 @@ def generation_create(
     """
     generation = Generation(api_key=api_key, idempotency_key=idempotency_key, **fields)
     if idempotency_key is None:
-        _INSERT.insert(generation)
-        return generation, True
+        return _insert(generation), True
     generation.request_fingerprint = request_fingerprint(generation)
     try:
         with transaction.atomic():
-            _INSERT.insert(generation)
-        return generation, True
+            return _insert(generation), True
     except IntegrityError:
         # Whichever constraint refused the row, a row holding this key is the
         # answer (the error text names the constraint only on PostgreSQL).
@@ -234,13 +236,42 @@ def generation_heartbeat(*, pk: uuid.UUID, lease_token: uuid.UUID) -> Generation
     raise refusal
 
 
+# What may change once a job exists, and who may change it (field -> needs
+# an admin: an admin API key, or a staff user in the admin). Every other
+# field is the client's request or the worker's report.
+EDITABLE_FIELDS: dict[str, bool] = {"name": False, "prompt_id": True}
+
+
+class FieldNotEditable(Exception):
+    """The caller may not change these fields (SPEC §5, PATCH)."""
+
+    def __init__(self, fields: list[str]) -> None:
+        super().__init__(f"may not change {', '.join(fields)}")
+        self.fields = fields
+
+
+def editable_fields(*, by_admin: bool) -> tuple[str, ...]:
+    return tuple(
+        name
+        for name, admin_only in EDITABLE_FIELDS.items()
+        if by_admin or not admin_only
+    )
+
+
 @transaction.atomic
-def generation_update(*, generation: Generation, **fields: Any) -> Generation:
+def generation_update(
+    *, generation: Generation, by_admin: bool, **fields: Any
+) -> Generation:
     """Rename, or (admin) record the render backend's ``prompt_id``.
 
-    The row is re-read under a lock: one deleted meanwhile raises
-    ``Generation.DoesNotExist`` instead of being written to.
+    Raises ``FieldNotEditable`` for any field the caller may not change,
+    before anything is written. The row is re-read under a lock: one deleted
+    meanwhile raises ``Generation.DoesNotExist`` instead of being written to.
     """
+    allowed = editable_fields(by_admin=by_admin)
+    refused = [name for name in fields if name not in allowed]
+    if refused:
+        raise FieldNotEditable(refused)
     generation = _locked(generation)
     for field, value in fields.items():
         setattr(generation, field, value)

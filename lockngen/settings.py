@@ -78,7 +78,7 @@ MIDDLEWARE = [
     # Outermost: every response (probes included) gets an X-Request-ID, and
     # any error under /api/ leaves as JSON whichever layer produced it.
     "lockngen.requestid.RequestIDMiddleware",
-    "lockngen.api.ApiErrorsAsJsonMiddleware",
+    "lockngen.http.errors.ApiErrorsAsJsonMiddleware",
     # Before anything that validates the Host or redirects to HTTPS:
     # /health/live and /health/ready answer probes with any Host over plain
     # HTTP (SPEC §2). Nothing above it may call request.get_host().
@@ -226,19 +226,20 @@ LOCKNGEN_DEV_API_KEY = env.get("LOCKNGEN_DEV_API_KEY", "").strip()
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["apikeys.auth.ApiKeyAuthentication"],
     "DEFAULT_PERMISSION_CLASSES": ["apikeys.auth.HasApiKey"],
-    "DEFAULT_THROTTLE_CLASSES": [],  # the per-key limit lives in apikeys.auth
+    # Run right after authentication, before permissions (lockngen.http.views).
+    "DEFAULT_THROTTLE_CLASSES": ["apikeys.ratelimit.ApiKeyRateThrottle"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     # JSON with bounded size, depth and keys, no lone surrogates (SPEC §12).
-    "DEFAULT_PARSER_CLASSES": ["lockngen.inbound.BoundedJSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["lockngen.http.inbound.BoundedJSONParser"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
-    "EXCEPTION_HANDLER": "lockngen.api.api_exception_handler",
+    "EXCEPTION_HANDLER": "lockngen.http.errors.api_exception_handler",
     "UNAUTHENTICATED_USER": None,
     "UNAUTHENTICATED_TOKEN": None,
 }
 
 # Request bodies (SPEC §12): the largest real one, a 4,000-character prompt and
 # negative prompt, is at most 32 KB as UTF-8. Django checks Content-Length
-# against this before reading; lockngen.inbound applies it to chunked bodies
+# against this before reading; lockngen.http.inbound applies it to chunked bodies
 # and in the JSON parser.
 DATA_UPLOAD_MAX_MEMORY_SIZE = 64 * 1024
 
@@ -259,7 +260,7 @@ SPECTACULAR_SETTINGS = {
     "REDOC_DIST": "SIDECAR",
     "POSTPROCESSING_HOOKS": [
         "drf_spectacular.hooks.postprocess_schema_enums",  # the default
-        "lockngen.api.document_body_limits",
+        "lockngen.http.schema.document_body_limits",
     ],
 }
 

@@ -5,8 +5,9 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from apikeys.api import ApiKeyViewSet
 from generations.api import GenerationViewSet
-from lockngen import api
 from lockngen.health import HealthView
+from lockngen.http.errors import not_found
+from lockngen.http.routers import OptionalSlashRouter
 
 # /health/ (SPEC §6); /health/live and /health/ready are answered by
 # lockngen.probes.HealthProbeMiddleware before routing.
@@ -22,7 +23,7 @@ if settings.DATABASES["default"].get("OPTIONS", {}).get("pool"):
     health_checks.append("lockngen.health.ConnectionPool")
 
 # REST API (SPEC §5): every route with or without its trailing slash.
-api_v1 = api.OptionalSlashRouter()
+api_v1 = OptionalSlashRouter()
 api_v1.register("generations", GenerationViewSet, basename="generation")
 api_v1.register("keys", ApiKeyViewSet, basename="apikey")
 
@@ -32,7 +33,7 @@ urlpatterns = [
     re_path(
         r"^api/docs/?$", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"
     ),
-    re_path(r"^api(?:/.*)?$", api.not_found),  # JSON 404s, DEBUG or not
+    re_path(r"^api(?:/.*)?$", not_found),  # JSON 404s, DEBUG or not
     path("admin/", admin.site.urls),
     path("health/", HealthView.as_view(checks=health_checks), name="health"),
 ]

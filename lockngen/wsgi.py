@@ -16,7 +16,7 @@ except ConfigError as exc:
     sys.exit(f"lockngen: configuration error: {exc}")
 
 # After setup: the gate's parser half imports DRF, which reads the settings.
-from lockngen.inbound import RequestGate  # noqa: E402
+from lockngen.http.inbound import RequestGate  # noqa: E402
 
 # Refuses what Django would fail to build a request from (charset=rot13 …).
 application = RequestGate(django_application)

@@ -13,7 +13,8 @@ from django.db.models.functions import Now
 from django.test.utils import CaptureQueriesContext
 
 from generations.models import Generation, Status
-from lockngen.api import Cursor
+from generations.services import FieldNotEditable, generation_update
+from lockngen.http.pagination import Cursor
 from tests.factories import make_generation
 
 GENERATION_FIELDS = {
@@ -437,6 +438,27 @@ def test_admin_sets_name_and_prompt_id(admin_api, owner_key):
 
     assert response.status_code == HTTPStatus.OK
     assert (response.json()["name"], response.json()["prompt_id"]) == ("n", "comfy-1")
+
+
+@pytest.mark.parametrize(
+    ("by_admin", "fields"),
+    [
+        (False, {"name": "n", "prompt_id": "comfy-1"}),
+        (True, {"prompt": "something else"}),
+        (True, {"status": Status.COMPLETED}),
+    ],
+    ids=["owner-prompt_id", "admin-prompt", "admin-status"],
+)
+def test_the_update_service_refuses_what_the_caller_may_not_change(
+    owner_key, by_admin, fields
+):
+    generation = make_generation(api_key=owner_key[0])
+    before = Generation.objects.values().get(pk=generation.pk)
+
+    with pytest.raises(FieldNotEditable):
+        generation_update(generation=generation, by_admin=by_admin, **fields)
+
+    assert Generation.objects.values().get(pk=generation.pk) == before
 
 
 # --- DELETE /generations/{id} -----------------------------------------------------

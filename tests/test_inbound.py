@@ -21,7 +21,7 @@ from rest_framework.settings import api_settings
 
 from apikeys.models import ApiKey
 from generations.models import Generation, Status
-from lockngen.inbound import MAX_DEPTH, MAX_KEYS, RequestGate
+from lockngen.http.inbound import MAX_DEPTH, MAX_KEYS, RequestGate
 from tests.factories import make_generation
 
 LIMIT = 64 * 1024
