@@ -19,7 +19,7 @@ from django.test import RequestFactory
 
 from lockngen.database import APPLICATION_NAME
 from lockngen.middleware import DatabaseUnavailableMiddleware
-from tests.pgcluster import free_port
+from tests.serving import free_port
 
 PASSWORD = "Pa55-never-logged"
 POOL = {"DB_POOL": "1", "DB_POOL_MIN_SIZE": "1", "DB_POOL_MAX_SIZE": "1"}
