@@ -28,8 +28,8 @@ from pathlib import Path
 from tests import serving
 
 BASE_DIR = Path(__file__).resolve().parent.parent
-# What gunicorn serves (bench.wsgi: the service plus the bare views).
-APP = "bench.wsgi:create_application()"
+# Only gunicorn imports it: importing bench.wsgi sets Django up.
+APP = "bench.wsgi:application"
 HOST = "127.0.0.1"
 # The service runs behind a TLS-terminating proxy (SPEC §2): with this header
 # production settings treat the request as HTTPS and do not redirect.

@@ -3,10 +3,6 @@
 The baselines are what SPEC §9 calls "a bare Django view": no DRF, no auth,
 no throttle, no validation; one ORM call and a ``JsonResponse``. They are only
 ever routed by ``bench.wsgi``, never by the service.
-
-``urlpatterns`` is built on first access (PEP 562 module ``__getattr__``,
-which Django's resolver goes through): ``python -m bench`` imports every
-module of this package before Django is set up, to find the benchmarks.
 """
 
 from __future__ import annotations
@@ -16,7 +12,11 @@ from typing import Any
 from uuid import UUID
 
 from django.http import HttpRequest, JsonResponse
+from django.urls import path
 from django.views.decorators.csrf import csrf_exempt
+
+from generations.models import Generation
+from lockngen.urls import urlpatterns as service_urlpatterns
 
 # The columns of the API's generation JSON (SPEC §5).
 FIELDS = (
@@ -50,16 +50,12 @@ CREATE_FIELDS = frozenset(
 
 
 def bare_read(request: HttpRequest, pk: UUID) -> JsonResponse:
-    from generations.models import Generation
-
     return JsonResponse(Generation.objects.values(*FIELDS).get(pk=pk))
 
 
 @csrf_exempt
 def bare_create(request: HttpRequest) -> JsonResponse:
     """Insert the row the API would insert (same fields, same key), 201."""
-    from generations.models import Generation
-
     data: dict[str, Any] = json.loads(request.body)
     generation = Generation.objects.create(
         api_key_id=request.GET["api_key"],
@@ -70,17 +66,8 @@ def bare_create(request: HttpRequest) -> JsonResponse:
     )
 
 
-def __getattr__(name: str) -> Any:
-    if name != "urlpatterns":
-        raise AttributeError(name)
-    from django.urls import path
-
-    from lockngen.urls import urlpatterns as service_urlpatterns
-
-    patterns = [
-        path("bench/generations/<uuid:pk>", bare_read),
-        path("bench/generations", bare_create),
-        *service_urlpatterns,
-    ]
-    globals()["urlpatterns"] = patterns
-    return patterns
+urlpatterns = [
+    path("bench/generations/<uuid:pk>", bare_read),
+    path("bench/generations", bare_create),
+    *service_urlpatterns,
+]
