@@ -258,6 +258,7 @@ def test_expired_lease_is_claimed_again_then_fails_after_max_attempts(settings):
     assert failed.status == Status.FAILED
     assert failed.attempts == 3
     assert "lease expired" in failed.error_message
+    assert failed.completed_at is not None
 
 
 def test_an_expired_lease_goes_before_the_queue_head():
