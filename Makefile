@@ -42,7 +42,7 @@ test: $(VENV)/.dev
 	  echo "pgbouncer is not installed (the PgBouncer tests run a real one): apt-get install -y pgbouncer"; exit 1; }
 	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || { \
 	  echo "nginx is not installed (the proxy tests run a real one with docker/nginx/'s config): apt-get install -y nginx"; exit 1; }
-	DATABASE_URL='$(TEST_DATABASE_URL)' $(PY) -m pytest $(PYTEST_ARGS)
+	DATABASE_URL='$(TEST_DATABASE_URL)' $(PY) -m pytest --cov --cov-report=term $(PYTEST_ARGS)
 	@echo "== SQLite fallback smoke run (DATABASE_URL unset) =="
 	env -u DATABASE_URL -u REDIS_URL $(PY) -m pytest -m sqlite_smoke $(PYTEST_ARGS)
 
@@ -64,4 +64,4 @@ bench: $(VENV)/.dev
 	DATABASE_URL='$(TEST_DATABASE_URL)' $(PY) -m bench
 
 clean:
-	rm -rf $(VENV) var .pytest_cache .ruff_cache
+	rm -rf $(VENV) var .pytest_cache .ruff_cache .coverage

@@ -3,27 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import importlib
-import pkgutil
 import sys
-from types import ModuleType
 
 import bench
-
-
-def benchmarks() -> dict[str, ModuleType]:
-    found = {}
-    for info in pkgutil.iter_modules(bench.__path__):
-        if info.name.startswith("_"):
-            continue
-        module = importlib.import_module(f"bench.{info.name}")
-        if callable(getattr(module, "run", None)):
-            found[info.name] = module
-    return found
+from bench import BENCHMARKS
 
 
 def main(argv: list[str] | None = None) -> int:
-    available = benchmarks()
+    available = BENCHMARKS
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument(
         "names", nargs="*", metavar="NAME", help="benchmarks to run (default: all)"
@@ -35,8 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.list:
-        for name, module in available.items():
-            print(f"{name:12} {(module.__doc__ or '').strip().splitlines()[0]}")
+        for name, benchmark in available.items():
+            print(f"{name:12} {benchmark.description}")
         return 0
     unknown = sorted(set(args.names) - set(available))
     if unknown:

@@ -6,6 +6,10 @@ it, and always drops it afterwards. ``gunicorn()`` serves ``bench.wsgi`` (the
 service's urls plus the bare baseline views of ``bench.urls``) with the
 project's own ``gunicorn.conf.py`` on a free 127.0.0.1 port, in production
 mode, and stops it (SIGTERM, then SIGKILL) on exit.
+
+Free ports, scratch databases and the gunicorn launcher are the tests' own
+(``tests.serving``): bench/ imports tests/, never the other way round, so the
+suite runs without the benchmarks and both start servers the same way.
 """
 
 from __future__ import annotations
@@ -14,22 +18,19 @@ import contextlib
 import http.client
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-from urllib.parse import quote
+
+from tests import serving
 
 BASE_DIR = Path(__file__).resolve().parent.parent
+# Only gunicorn imports it: importing bench.wsgi sets Django up.
+APP = "bench.wsgi:application"
 HOST = "127.0.0.1"
-BOOT_TIMEOUT_SECONDS = 60
-STOP_TIMEOUT_SECONDS = 30
 # The service runs behind a TLS-terminating proxy (SPEC §2): with this header
 # production settings treat the request as HTTPS and do not redirect.
 PROXY_HEADERS = {"X-Forwarded-Proto": "https"}
@@ -46,37 +47,13 @@ SAMPLE_GENERATION = {
 }
 
 
-def database_url(settings_dict: dict[str, Any], name: str | None = None) -> str:
-    """``postgres://`` URL of a Django settings dict (password kept)."""
-    user = quote(settings_dict["USER"] or "", safe="")
-    if settings_dict["PASSWORD"]:
-        user += ":" + quote(settings_dict["PASSWORD"], safe="")
-    host = quote(settings_dict["HOST"] or "localhost", safe="")
-    port = settings_dict["PORT"] or 5432
-    return f"postgres://{user}@{host}:{port}/{name or settings_dict['NAME']}"
-
-
-def _admin_connection(settings_dict: dict[str, Any]) -> Any:
-    import psycopg
-
-    params = {
-        "host": settings_dict["HOST"] or None,
-        "port": settings_dict["PORT"] or None,
-        "user": settings_dict["USER"] or None,
-        "password": settings_dict["PASSWORD"] or None,
-        "dbname": settings_dict["NAME"],
-        "connect_timeout": 10,
-        "autocommit": True,
-    }
-    return psycopg.connect(**{k: v for k, v in params.items() if v is not None})
-
-
 @contextlib.contextmanager
 def scratch_database() -> Iterator[str]:
     """A migrated ``bench_<random>`` database, current for this process's Django.
 
-    Yields its URL (for gunicorn). Dropped with ``WITH (FORCE)`` on the way
-    out, whatever happened, so no benchmark leaves data behind.
+    Yields its URL (for gunicorn). Created and dropped (``WITH (FORCE)``,
+    whatever happened) by the tests' own helper, so no benchmark leaves data
+    behind.
     """
     from django.core.management import call_command
     from django.db import connections
@@ -85,30 +62,20 @@ def scratch_database() -> Iterator[str]:
     if settings_dict["ENGINE"] != "lockngen.db":
         raise SystemExit("the HTTP benchmarks need DATABASE_URL to point at PostgreSQL")
     original = settings_dict["NAME"]
-    name = f"bench_{secrets.token_hex(6)}"
-    with _admin_connection(settings_dict) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        connections.close_all()
-        settings_dict["NAME"] = name
-        call_command("migrate", verbosity=0, interactive=False)
-        yield database_url(settings_dict, name)
-    finally:
-        connections.close_all()
-        settings_dict["NAME"] = original
-        with _admin_connection(settings_dict) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with serving.scratch_database("bench") as name:
+        try:
+            connections.close_all()
+            settings_dict["NAME"] = name
+            call_command("migrate", verbosity=0, interactive=False)
+            yield serving.url_for(name)
+        finally:
+            connections.close_all()
+            settings_dict["NAME"] = original
 
 
 def machine() -> str:
     """CPUs and the 1-minute load average: other work on the box skews ratios."""
     return f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
 
 
 def redis_url() -> str | None:
@@ -126,16 +93,8 @@ def redis_url() -> str | None:
     return None
 
 
-@dataclass
-class Server:
-    port: int
-    process: subprocess.Popen[bytes]
-    log_path: Path
-    env: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def base_url(self) -> str:
-        return f"http://{HOST}:{self.port}"
+class Server(serving.Server):
+    """The tests' gunicorn launcher, serving gunicorn.conf.py's own layout."""
 
     def describe(self) -> str:
         return (
@@ -144,13 +103,6 @@ class Server:
             "settings, rate-limit cache "
             f"{'Redis' if 'REDIS_URL' in self.env else 'local memory'}"
         )
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
 
 
 def request(
@@ -229,7 +181,7 @@ def server_env(database_url: str, port: int, **overrides: str) -> dict[str, str]
 def gunicorn(
     database_url: str,
     *,
-    app: str = "bench.wsgi:create_application()",
+    app: str = APP,
     ready_path: str = "/health/live",
     cwd: Path = BASE_DIR,
     **env_overrides: str,
@@ -239,62 +191,23 @@ def gunicorn(
     ``cwd`` may point at another checkout, to compare two versions of the
     code side by side against one database.
     """
-    port = free_port()
-    env = server_env(database_url, port, **env_overrides)
-    log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - lives as long as the server
-        prefix="bench-gunicorn-", suffix=".log", delete=False
-    )
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py", app],
-        cwd=cwd,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,  # the access log: one line per request
-        stderr=log,
-        start_new_session=True,
-    )
-    server = Server(port=port, process=process, log_path=Path(log.name), env=env)
-    try:
-        _wait_until_ready(server, ready_path)
-        yield server
-    finally:
-        _stop(process)
-        log.close()
-        Path(log.name).unlink(missing_ok=True)
-
-
-def _wait_until_ready(server: Server, path: str) -> None:
-    deadline = time.monotonic() + BOOT_TIMEOUT_SECONDS
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise RuntimeError(
-                f"gunicorn exited with {server.process.returncode}:\n"
-                + server.log_tail()
-            )
+    port = serving.free_port()
+    with tempfile.TemporaryDirectory(prefix="bench-gunicorn-") as directory:
+        server = Server(
+            server_env(database_url, port, **env_overrides),
+            command=[sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py"]
+            + [app],
+            cwd=cwd,
+            log_path=Path(directory) / "gunicorn.log",
+            small=False,
+            access_log=False,  # one line per request
+        )
         try:
-            status, _, _ = request(server.port, "GET", path, timeout=2)
-        except OSError:
-            status = 0
-        if status == 200:
-            return
-        time.sleep(0.1)
-    raise RuntimeError(
-        f"gunicorn not ready on {path} after {BOOT_TIMEOUT_SECONDS}s:\n"
-        + server.log_tail()
-    )
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=STOP_TIMEOUT_SECONDS)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
+            server.start(wait=False)
+            server.wait_for_status(ready_path, 200)
+            yield server
+        finally:
+            server.stop()
 
 
 @contextlib.contextmanager

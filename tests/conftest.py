@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from pathlib import Path
 from urllib.parse import quote
 
@@ -42,12 +43,32 @@ def fresh_local_counters():
     caches["default"].clear()
 
 
+# Half a second into a one-minute window: what the stopped clock reads.
+STOPPED_CLOCK = 1_000_000 * 60 + 0.5
+
+
+@pytest.fixture
+def stopped_clock(monkeypatch) -> float:
+    """The rate limiter's clock stands still half a second into one window.
+
+    A test that counts up to a limit (rate limits, auth failures) can then
+    never see its counters roll over half-way, with no sleep and with a
+    known ``Retry-After``. Returns the clock's reading.
+    """
+    from apikeys.ratelimit import current_window
+
+    limiter = sys.modules[current_window.__module__]  # wherever the limiter lives
+    monkeypatch.setattr(limiter, "clock", lambda: STOPPED_CLOCK)
+    return STOPPED_CLOCK
+
+
 @pytest.fixture
 def inside_one_minute_window():
-    """Start well inside a fixed one-minute window (rate limits, auth failures).
+    """Start well inside a fixed one-minute window of the real clock.
 
-    A test that counts up to a limit must not see the real clock roll its
-    counters over half-way.
+    Only for counts made inside a server subprocess (tests/test_redis_faults.py),
+    whose clock the test cannot stop: they must not see the real clock roll
+    their counters over half-way. In-process tests use ``stopped_clock``.
     """
     import time
 

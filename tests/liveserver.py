@@ -13,13 +13,10 @@ import contextlib
 import http.client
 import json
 import subprocess
-import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import psycopg
 
 from tests.serving import Server, manage, process_env
 
@@ -65,20 +62,6 @@ def create_key(database_url: str, name: str, *, admin: bool = False) -> str:
     done = manage(*args, env=environment(database_url))
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
-
-
-@contextlib.contextmanager
-def database_in(server_url: str, prefix: str) -> Iterator[str]:
-    """A fresh database ``<prefix>_<hex>`` on the server at ``server_url``
-    (a ``postgres://…/postgres`` URL); yields its name, always drops it."""
-    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(server_url, autocommit=True, connect_timeout=10) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield name
-    finally:
-        with psycopg.connect(server_url, autocommit=True, connect_timeout=10) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 class LiveApi:

@@ -18,13 +18,14 @@ import logging
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 import weakref
 from pathlib import Path
 from typing import Literal
+
+from tests.serving import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -67,13 +68,6 @@ def find_bindir() -> Path:
     if found:
         return Path(found).parent
     raise PgClusterError("pg_ctl not found: install PostgreSQL or set PG_BINDIR")
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class PgCluster:

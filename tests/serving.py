@@ -22,6 +22,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
+from psycopg import sql
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -84,12 +85,21 @@ def url_for(
     )
 
 
-def admin_connection() -> psycopg.Connection:
-    return psycopg.connect(url_for("postgres"), autocommit=True)
+def admin_connection(server: str | None = None) -> psycopg.Connection:
+    """An autocommit connection to ``server`` (a ``postgres://…/postgres`` URL;
+    default: the suite's server)."""
+    return psycopg.connect(
+        server or url_for("postgres"), autocommit=True, connect_timeout=10
+    )
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
+    """A TCP port on 127.0.0.1 that nothing listens on right now.
+
+    The one home of this helper for tests/ and bench/: the port is only a
+    snapshot, so callers that can retry (PgCluster) move on if it is taken.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
@@ -104,17 +114,36 @@ def scratch_name(prefix: str = "ops") -> str:
 
 
 @contextlib.contextmanager
-def scratch_database(prefix: str = "ops", *, owner: str | None = None) -> Iterator[str]:
-    """A fresh empty database ``<prefix>_<hex>``; yields its name, drops it after."""
+def scratch_database(
+    prefix: str = "ops",
+    *,
+    owner: str | None = None,
+    template: str | None = None,
+    server: str | None = None,
+) -> Iterator[str]:
+    """A fresh database ``<prefix>_<hex>``; yields its name, always drops it.
+
+    Empty unless ``template`` names one to copy; on the suite's server unless
+    ``server`` is another one's ``postgres://…/postgres`` URL (a PgCluster's).
+    The one scratch-database helper of tests/ and bench/.
+    """
     name = scratch_name(prefix)
-    owned_by = f' OWNER "{owner}"' if owner else ""
-    with admin_connection() as conn:
-        conn.execute(f'CREATE DATABASE "{name}"{owned_by}')
+    statement = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+    if owner:
+        statement += sql.SQL(" OWNER {}").format(sql.Identifier(owner))
+    if template:
+        statement += sql.SQL(" TEMPLATE {}").format(sql.Identifier(template))
+    with admin_connection(server) as conn:
+        conn.execute(statement)
     try:
         yield name
     finally:
-        with admin_connection() as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        with admin_connection(server) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                    sql.Identifier(name)
+                )
+            )
 
 
 @contextlib.contextmanager
@@ -217,11 +246,19 @@ class Server:
         command: list[str] | None = None,
         cwd: Path = BASE_DIR,
         log_path: Path,
+        small: bool = True,
+        access_log: bool = True,
     ) -> None:
+        """``small``: 1 worker x 2 threads unless ``env`` says otherwise (tests);
+        else gunicorn.conf.py's own layout (the benchmarks). Without
+        ``access_log`` gunicorn's stdout (one line per request) is discarded
+        and only its stderr is logged."""
         self.port = int(env.get("PORT") or free_port())
         self.env = {**env, "PORT": str(self.port), "HOST": "127.0.0.1"}
-        self.env.setdefault("WEB_CONCURRENCY", "1")
-        self.env.setdefault("GUNICORN_THREADS", "2")
+        if small:
+            self.env.setdefault("WEB_CONCURRENCY", "1")
+            self.env.setdefault("GUNICORN_THREADS", "2")
+        self.access_log = access_log
         self.command = command or [
             str(VENV_BIN / "gunicorn"),
             "--config",
@@ -237,8 +274,9 @@ class Server:
                 self.command,
                 cwd=self.cwd,
                 env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                stdout=log if self.access_log else subprocess.DEVNULL,
+                stderr=subprocess.STDOUT if self.access_log else log,
                 start_new_session=True,
             )
         if wait:

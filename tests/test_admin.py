@@ -54,7 +54,7 @@ def texts(response) -> list[str]:
 # --- changelists --------------------------------------------------------------
 
 
-def test_key_changelist_columns_and_deleted_rows(admin_client):
+def test_key_changelist_lists_deleted_rows_and_hides_the_hash(admin_client):
     alive, _ = make_api_key(name="alive")
     deleted, _ = make_api_key(name="deleted")
     deleted.delete()
@@ -62,20 +62,10 @@ def test_key_changelist_columns_and_deleted_rows(admin_client):
     response = admin_client.get(KEYS)
 
     assert {alive.pk, deleted.pk} <= listed(response)
-    assert list(response.context["cl"].list_display)[1:] == [
-        "name",
-        "key_prefix",
-        "is_admin",
-        "rate_limit",
-        "last_used_at",
-        "active",
-        "created_at",
-    ]
-    assert response.context["cl"].date_hierarchy == "created_at"
     assert alive.key_hash not in response.content.decode()
 
 
-def test_generation_changelist_columns_and_deleted_rows(admin_client):
+def test_generation_changelist_lists_deleted_rows_and_the_size(admin_client):
     alive = make_generation(prompt="alive", width=512, height=768)
     deleted = make_generation(prompt="deleted")
     deleted.delete()
@@ -83,18 +73,7 @@ def test_generation_changelist_columns_and_deleted_rows(admin_client):
     response = admin_client.get(GENERATIONS)
 
     assert {alive.pk, deleted.pk} == listed(response)
-    assert list(response.context["cl"].list_display)[1:] == [
-        "title",
-        "status",
-        "model",
-        "size",
-        "created_at",
-        "duration",
-        "attempts",
-        "is_deleted",
-    ]
     assert "512×768" in response.content.decode()
-    assert response.context["cl"].date_hierarchy == "created_at"
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,6 @@ import io
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -17,6 +16,7 @@ import pytest
 
 from apikeys.keys import generate_key
 from lockngen.requestid import RequestIDLogFilter
+from tests.serving import closed_port
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -110,12 +110,6 @@ OUTAGE_CHILD = textwrap.dedent(
     print(json.dumps(out))
     """
 )
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]  # nothing listens once the socket closes
 
 
 @pytest.mark.parametrize("debug_env", ["1", "0"], ids=["debug", "no-debug"])

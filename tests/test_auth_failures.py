@@ -34,7 +34,7 @@ PROXY = "127.0.0.1"  # trusted by default
 STRANGER = "198.51.100.7"  # TEST-NET-2: never contacted, only written in META
 
 
-pytestmark = pytest.mark.usefixtures("inside_one_minute_window")
+pytestmark = pytest.mark.usefixtures("stopped_clock")
 
 
 @pytest.fixture(autouse=True)

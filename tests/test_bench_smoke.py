@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.__main__ import benchmarks
+from bench import BENCHMARKS
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -29,7 +29,7 @@ def run_bench(*args: str, database_url: str) -> subprocess.CompletedProcess[str]
     )
 
 
-@pytest.mark.parametrize("name", sorted(benchmarks()))
+@pytest.mark.parametrize("name", sorted(BENCHMARKS))
 def test_benchmark_runs_in_smoke_mode(name, test_database_url):
     result = run_bench(name, "--smoke", database_url=test_database_url)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -136,41 +136,11 @@ def expire_lease(pk) -> None:
     )
 
 
-def test_an_expired_lease_is_claimed_again_with_attempts_2(admin_api, owner_key):
-    job = make_generation(api_key=owner_key[0], prompt="first")
-    assert admin_api.post("generations/claim").json()["id"] == str(job.pk)
-    make_generation(api_key=owner_key[0], prompt="younger")
-    expire_lease(job.pk)
-
-    again = admin_api.post("generations/claim").json()
-
-    assert again["id"] == str(job.pk)  # expired leases come before the queue
-    assert again["attempts"] == 2
-    assert again["status"] == "running"
-
-
 def test_a_live_lease_is_not_claimed_again(admin_api, owner_key):
     make_generation(api_key=owner_key[0])
     admin_api.post("generations/claim")
 
     assert admin_api.post("generations/claim").status_code == HTTPStatus.NO_CONTENT
-
-
-def test_after_max_attempts_an_expired_job_fails(admin_api, owner_key, settings):
-    settings.MAX_ATTEMPTS = 3
-    job = make_generation(api_key=owner_key[0])
-    for attempt in (1, 2, 3):
-        claimed = admin_api.post("generations/claim").json()
-        assert (claimed["id"], claimed["attempts"]) == (str(job.pk), attempt)
-        expire_lease(job.pk)
-
-    assert admin_api.post("generations/claim").status_code == HTTPStatus.NO_CONTENT
-
-    failed = admin_api.get(f"generations/{job.pk}").json()
-    assert failed["status"] == "failed"
-    assert failed["attempts"] == 3
-    assert "lease expired" in failed["error_message"]
-    assert failed["completed_at"] is not None
 
 
 def test_a_worker_whose_lease_expired_into_failure_gets_409(

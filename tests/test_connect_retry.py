@@ -21,7 +21,7 @@ from django.db import OperationalError
 
 from lockngen.database import connect_retry_delays
 from lockngen.db.base import is_transient_connect_error
-from tests.pgcluster import free_port
+from tests.serving import free_port
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 PASSWORD = "n0t-in-any-0utput"

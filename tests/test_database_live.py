@@ -19,7 +19,7 @@ from django.test import RequestFactory
 
 from lockngen.database import APPLICATION_NAME
 from lockngen.middleware import DatabaseUnavailableMiddleware
-from tests.pgcluster import free_port
+from tests.serving import free_port
 
 PASSWORD = "Pa55-never-logged"
 POOL = {"DB_POOL": "1", "DB_POOL_MIN_SIZE": "1", "DB_POOL_MAX_SIZE": "1"}
@@ -177,43 +177,3 @@ def test_password_never_appears_in_errors_or_log_records(
         assert PASSWORD not in str(record.args)
         if record.exc_info:
             assert PASSWORD not in "".join(traceback.format_exception(*record.exc_info))
-
-
-# --- the throwaway cluster that fault-injection tests rely on -----------------
-
-
-def server_port(url: str) -> int:
-    with psycopg.connect(url, connect_timeout=5) as conn:
-        return conn.execute("SELECT inet_server_port()").fetchone()[0]
-
-
-@pytest.mark.postgres_cluster
-@pytest.mark.parametrize("mode", ["fast", "immediate"])
-def test_throwaway_cluster_comes_back_on_its_port_after_a_stop(pg_cluster, mode):
-    port = pg_cluster.port
-    pg_cluster.stop(mode)
-    with pytest.raises(psycopg.OperationalError):
-        server_port(pg_cluster.url())
-
-    pg_cluster.start()
-
-    assert server_port(pg_cluster.url()) == port
-    with psycopg.connect(pg_cluster.url()) as conn:
-        assert conn.execute("SHOW fsync").fetchone() == ("off",)
-
-
-@pytest.mark.postgres_cluster
-def test_throwaway_cluster_cleanup_stops_the_server_and_removes_its_files():
-    from tests.pgcluster import PgCluster
-
-    cluster = PgCluster()
-    try:
-        cluster.start()
-        url, root = cluster.url(), cluster.root
-        assert server_port(url) == cluster.port
-    finally:
-        cluster.cleanup()
-
-    assert not root.exists()
-    with pytest.raises(psycopg.OperationalError):
-        server_port(url)

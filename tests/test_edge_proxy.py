@@ -25,12 +25,11 @@ from tests.liveserver import (
     PROXY_HEADERS,
     LiveApi,
     create_key,
-    database_in,
     live_api,
     migrate,
 )
 from tests.proxy import Proxy, nginx_binary, nginx_in_front
-from tests.serving import closed_port, url_for
+from tests.serving import closed_port, scratch_database, url_for
 from tests.test_edge_serving import FLOOD_SOCKETS, raise_open_file_limit
 
 ATTACKER = "127.0.0.2"
@@ -79,7 +78,7 @@ class Front:
 def front(tmp_path_factory) -> Iterator[Front]:
     """nginx in front of a deliberately small gunicorn (1 worker x 2 threads)."""
     assert nginx_binary(), "nginx is not installed: apt-get install -y nginx"
-    with database_in(url_for("postgres"), "proxy") as name:
+    with scratch_database("proxy") as name:
         url = url_for(name)
         migrate(url)
         key = create_key(url, "through the proxy")

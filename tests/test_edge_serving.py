@@ -27,8 +27,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.liveserver import LiveApi, create_key, database_in, live_api, migrate
-from tests.serving import BASE_DIR, VENV_BIN, free_port, url_for
+from tests.liveserver import LiveApi, create_key, live_api, migrate
+from tests.serving import BASE_DIR, VENV_BIN, free_port, scratch_database, url_for
 
 FLOOD_SOCKETS = 2100
 RECOVERY_DEADLINE_S = 5.0
@@ -109,7 +109,7 @@ def open_sockets(port: int, count: int) -> Iterator[list[socket.socket]]:
 
 @pytest.fixture(scope="module")
 def edge_db() -> Iterator[str]:
-    with database_in(url_for("postgres"), "edge") as name:
+    with scratch_database("edge") as name:
         migrate(url_for(name))
         yield name
 

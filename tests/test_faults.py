@@ -34,11 +34,10 @@ from tests.liveserver import (
     LiveApi,
     Reply,
     create_key,
-    database_in,
     live_api,
     migrate,
 )
-from tests.serving import url_for
+from tests.serving import scratch_database, url_for
 
 PASSWORD = "fault-pw-N0t-In-Any-Log"
 OUTAGE_S = 4
@@ -151,7 +150,7 @@ def wait_until(condition, deadline_s: float, what: str) -> None:
 @pytest.fixture
 def cluster_database(pg_cluster) -> Iterator[str]:
     """A migrated database on the throwaway cluster; its URL."""
-    with database_in(pg_cluster.url(), "faults") as name:
+    with scratch_database("faults", server=pg_cluster.url()) as name:
         url = pg_cluster.url(name)
         migrate(url)
         try:
@@ -243,7 +242,7 @@ def test_database_restart_under_load_is_503_then_serves_again(
 
 @pytest.fixture(scope="module")
 def timeout_db() -> Iterator[str]:
-    with database_in(url_for("postgres"), "faults") as name:
+    with scratch_database("faults") as name:
         migrate(url_for(name))
         yield name
 

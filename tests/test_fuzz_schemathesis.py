@@ -27,8 +27,8 @@ from schemathesis.specs.openapi import formats
 from schemathesis.specs.openapi.formats import header_values
 
 from apikeys.keys import DEFAULT_DEV_API_KEY
-from tests.liveserver import LiveApi, database_in, live_api, migrate
-from tests.serving import url_for
+from tests.liveserver import LiveApi, live_api, migrate
+from tests.serving import scratch_database, url_for
 
 EXAMPLES_PER_OPERATION = 20
 REQUEST_TIMEOUT_S = 10
@@ -53,7 +53,7 @@ GENERATION = GenerationConfig(
 
 @pytest.fixture(scope="module")
 def fuzzed_api(tmp_path_factory) -> LiveApi:
-    with database_in(url_for("postgres"), "fuzz") as name:
+    with scratch_database("fuzz") as name:
         url = url_for(name)
         migrate(url, LOCKNGEN_ENV="development")  # seeds the development key
         log = tmp_path_factory.mktemp("fuzz") / "gunicorn.log"

@@ -23,11 +23,10 @@ from tests.liveserver import (
     LiveApi,
     Reply,
     create_key,
-    database_in,
     live_api,
     migrate,
 )
-from tests.serving import url_for
+from tests.serving import scratch_database, url_for
 
 LIMIT = 64 * 1024
 MAX_ERROR_BODY = 300
@@ -37,7 +36,7 @@ JSON = "application/json"
 @pytest.fixture(scope="module", params=["production", "development"])
 def server(request, tmp_path_factory) -> Iterator[tuple[LiveApi, str]]:
     production = request.param == "production"
-    with database_in(url_for("postgres"), "inbound") as name:
+    with scratch_database("inbound") as name:
         url = url_for(name)
         migrate(url)
         admin = create_key(url, "inbound worker", admin=True)

@@ -139,15 +139,6 @@ def test_revocation_is_one_way():
     assert ApiKey.objects.get(pk=api_key.pk).revoked_at == first
 
 
-@pytest.mark.django_db
-def test_expiry_makes_a_key_inactive():
-    past, _ = make_api_key(expires_at=timezone.now() - timedelta(seconds=1))
-    future, _ = make_api_key(expires_at=timezone.now() + timedelta(days=1))
-
-    assert not past.is_active
-    assert future.is_active
-
-
 # --- authentication ---------------------------------------------------------------
 
 

@@ -6,22 +6,21 @@ the end of the module) and runs ``manage.py`` in subprocesses, as operators do.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
-from psycopg import sql
 
 from apikeys.keys import DEFAULT_DEV_API_KEY, hash_key
-from tests.conftest import database_url
+from tests.serving import scratch_database, url_for
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 TEST_APP = {"LOCKNGEN_EXTRA_APPS": "tests.migration_app"}
@@ -35,50 +34,26 @@ SKIPPED = "is already applied; skipped"
 
 
 class PgServer:
-    """Creates and drops scratch databases on the suite's PostgreSQL server."""
+    """Scratch databases on the suite's PostgreSQL server, dropped together."""
 
-    def __init__(self, settings_dict: dict) -> None:
-        self.settings_dict = settings_dict
-        self.created: list[str] = []
-
-    def url(self, name: str) -> str:
-        return database_url({**self.settings_dict, "NAME": name})
-
-    def _admin(self) -> psycopg.Connection:
-        return psycopg.connect(self.url("postgres"), autocommit=True)
+    def __init__(self, stack: contextlib.ExitStack) -> None:
+        self.stack = stack
 
     def create(self, *, template: str | None = None) -> str:
-        name = f"schema_mig_{uuid.uuid4().hex[:12]}"
-        statement = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
-        if template:
-            statement += sql.SQL(" TEMPLATE {}").format(sql.Identifier(template))
-        with self._admin() as conn:
-            conn.execute(statement)
-        self.created.append(name)
-        return self.url(name)
-
-    def drop_all(self) -> None:
-        with self._admin() as conn:
-            for name in self.created:
-                conn.execute(
-                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                        sql.Identifier(name)
-                    )
-                )
+        name = self.stack.enter_context(
+            scratch_database("schema_mig", template=template)
+        )
+        return url_for(name)
 
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[PgServer]:
     from django.conf import settings
 
-    settings_dict = settings.DATABASES["default"]
-    if settings_dict["ENGINE"] != "lockngen.db":
+    if settings.DATABASES["default"]["ENGINE"] != "lockngen.db":
         pytest.fail("migration tests need DATABASE_URL to point at PostgreSQL")
-    pg = PgServer(settings_dict)
-    try:
-        yield pg
-    finally:
-        pg.drop_all()
+    with contextlib.ExitStack() as stack:
+        yield PgServer(stack)
 
 
 def manage(

@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from http import HTTPStatus
 from pathlib import Path
 
@@ -23,17 +22,8 @@ from tests.serving import closed_port
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 REDIS_URL = "redis://127.0.0.1:6379/0"
-# No test here takes this long; starting one closer than this to the end of a
-# window could let the real clock roll the counter over mid-test.
-WINDOW_MARGIN_SECONDS = 10
-
-
-@pytest.fixture(autouse=True)
-def inside_one_window():
-    """Start every test well inside a fixed one-minute window."""
-    left = RATE_LIMIT_WINDOW_SECONDS - time.time() % RATE_LIMIT_WINDOW_SECONDS
-    if left < WINDOW_MARGIN_SECONDS:
-        time.sleep(left + 0.05)
+# Every count here happens in one window of a clock that stands still.
+pytestmark = pytest.mark.usefixtures("stopped_clock")
 
 
 def test_sixth_request_of_a_five_per_minute_key_is_429(api_as):
@@ -55,7 +45,7 @@ def test_sixth_request_of_a_five_per_minute_key_is_429(api_as):
     limited = responses[-1]
     assert limited["Content-Type"] == "application/json"
     assert "throttled" in limited.json()["detail"]
-    assert 1 <= int(limited["Retry-After"]) <= RATE_LIMIT_WINDOW_SECONDS
+    assert limited["Retry-After"] == str(RATE_LIMIT_WINDOW_SECONDS)  # 59.5 s left
 
 
 def test_limits_are_per_key(api_as):
@@ -112,6 +102,10 @@ CHILD = textwrap.dedent(
     import json, os, sys
     import django
     django.setup()
+    from apikeys.ratelimit import current_window
+    # The parent's stopped clock, so both processes count in one window.
+    limiter = sys.modules[current_window.__module__]
+    limiter.clock = lambda: float(os.environ["CLOCK"])
     from django.test import Client
     from django.test.utils import setup_test_environment
     setup_test_environment()
@@ -128,7 +122,7 @@ CHILD = textwrap.dedent(
 
 @pytest.mark.django_db(transaction=True)
 def test_the_limit_is_shared_by_processes_through_redis(
-    api_as, settings, test_database_url
+    api_as, settings, test_database_url, stopped_clock
 ):
     """The test process and a separate process count into one Redis counter.
 
@@ -149,6 +143,7 @@ def test_the_limit_is_shared_by_processes_through_redis(
             "DATABASE_URL": test_database_url,
             "REDIS_URL": REDIS_URL,
             "RAW_KEY": raw,
+            "CLOCK": repr(stopped_clock),
             "LOG_LEVEL": "ERROR",
         },
         capture_output=True,

@@ -26,12 +26,11 @@ from tests.factories import make_api_key, make_generation
 from tests.liveserver import (
     PRODUCTION,
     create_key,
-    database_in,
     environment,
     live_api,
     migrate,
 )
-from tests.serving import manage, url_for
+from tests.serving import manage, scratch_database, url_for
 
 PASSWORD = "sec-pw-Never-2-Be-Logged"
 
@@ -60,7 +59,7 @@ def test_check_deploy_passes_in_production_configuration():
 @pytest.fixture(scope="module")
 def production_db():
     """A scratch database migrated the way operators do it in production."""
-    with database_in(url_for("postgres"), "security") as name:
+    with scratch_database("security") as name:
         migrate(url_for(name), **PRODUCTION)
         yield name
 

@@ -12,7 +12,7 @@ from django.db.models import F
 from django.db.models.functions import Now
 from django.test.utils import CaptureQueriesContext
 
-from generations.models import TRANSITIONS, Generation, InvalidTransition, Status
+from generations.models import Generation, InvalidTransition, Status
 from generations.services import (
     LeaseLost,
     generation_cancel,
@@ -55,10 +55,6 @@ def generation_in(status: Status) -> Generation:
     return generation
 
 
-def test_the_transition_table_is_the_spec():
-    assert {(s, t) for s, targets in TRANSITIONS.items() for t in targets} == ALLOWED
-
-
 @pytest.mark.parametrize(
     ("source", "target"), sorted(ALLOWED), ids=[pair_id(p) for p in sorted(ALLOWED)]
 )
@@ -87,16 +83,6 @@ def test_forbidden_transition_raises_and_changes_nothing(source, target):
 
     assert Generation.objects.filter(pk=generation.pk).transition(target) == 0
     assert Generation.objects.get(pk=generation.pk).status == source
-
-
-@pytest.mark.parametrize(
-    "terminal", sorted(Status.terminal()), ids=lambda status: status.label
-)
-def test_terminal_states_never_change(terminal):
-    generation = generation_in(terminal)
-
-    for target in Status:
-        assert not generation.can_transition_to(target)
 
 
 def test_bulk_transition_moves_only_rows_that_may_move():
@@ -272,6 +258,7 @@ def test_expired_lease_is_claimed_again_then_fails_after_max_attempts(settings):
     assert failed.status == Status.FAILED
     assert failed.attempts == 3
     assert "lease expired" in failed.error_message
+    assert failed.completed_at is not None
 
 
 def test_an_expired_lease_goes_before_the_queue_head():
