@@ -60,7 +60,8 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> HttpRespon
         "Internal Server Error: %s",
         getattr(request, "path", "?"),
         exc_info=exc,
-        extra={"status_code": 500, "request": getattr(request, "_request", None)},
+        # DRF's Request proxies the HttpRequest attributes handlers read.
+        extra={"status_code": 500, "request": request},
     )
     body: dict[str, Any] = {"detail": "Internal server error.", "code": "error"}
     if settings.DEBUG:
