@@ -98,7 +98,16 @@ class ThreadWorker(GunicornThreadWorker):
 
     def linger(self, sock: socket.socket) -> None:
         """Half-close, then drain from the poller until EOF, LINGER_MAX_BYTES
-        or LINGER_S, then close."""
+        or LINGER_S, then close.
+
+        Draining sockets no longer count as connections, so their number is
+        capped separately (at ``worker_connections``): past it a close is
+        immediate, or clients that never hang up could exhaust descriptors.
+        """
+        if len(self.lingering) >= self.cfg.worker_connections:
+            with contextlib.suppress(OSError):
+                sock.close()
+            return
         try:
             sock.shutdown(socket.SHUT_WR)
             sock.setblocking(False)

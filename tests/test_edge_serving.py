@@ -193,6 +193,57 @@ def test_clients_that_never_hang_up_after_connection_close_do_not_stall_the_loop
         assert_recovers(one_worker)
 
 
+@pytest.fixture(scope="module")
+def few_connections(edge_db, tmp_path_factory) -> Iterator[LiveApi]:
+    """One worker that may hold 20 connections (GUNICORN_WORKER_CONNECTIONS)."""
+    log = tmp_path_factory.mktemp("edge20") / "gunicorn.log"
+    with live_api(
+        url_for(edge_db),
+        log_path=log,
+        WEB_CONCURRENCY="1",
+        GUNICORN_THREADS="4",
+        GUNICORN_WORKER_CONNECTIONS="20",
+        GUNICORN_CLIENT_TIMEOUT=str(CLIENT_TIMEOUT_S),
+    ) as api:
+        yield api
+
+
+def open_socket_count(pid: int) -> int:
+    fds = Path(f"/proc/{pid}/fd")
+    return sum(1 for fd in fds.iterdir() if os.readlink(fd).startswith("socket:"))
+
+
+def test_lingering_closes_are_capped_at_worker_connections(few_connections):
+    """A closed connection drains in the poller and no longer counts as one of
+    the worker's connections: without a cap of their own, clients that send
+    ``Connection: close`` and never hang up would pile up descriptors."""
+    api = few_connections
+    [worker] = api.worker_pids()
+    baseline = open_socket_count(worker)
+    request = (
+        b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    with open_sockets(api.server.port, 100) as sockets:
+        for sock in sockets:
+            sock.sendall(request)
+        deadline = time.monotonic() + 5
+        while sum(1 for sock in sockets if answered(sock)) < len(sockets):
+            assert time.monotonic() < deadline, "not every request was answered"
+            time.sleep(0.05)
+        held = open_socket_count(worker) - baseline
+        assert held <= 20 + 5, held  # the lingering ones, plus a little slack
+        assert_recovers(api)
+
+
+def answered(sock: socket.socket) -> bool:
+    """The response (or the close) has arrived; the socket stays open."""
+    try:
+        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return False
+    return True
+
+
 def test_a_client_still_sending_a_refused_body_gets_the_answer(bare_gunicorn):
     """The service refuses without reading the 2 MiB body and the connection
     closes: closing with unread bytes makes the kernel send RST, and a client
