@@ -11,7 +11,8 @@ import socket
 import struct
 from typing import Any
 
-from lockngen.env import env_bool, env_int
+from lockngen.client_address import DEFAULT_TRUSTED_PROXIES, parse_networks
+from lockngen.env import env_bool, env_int, env_list
 
 
 def _int(name: str, default: int) -> int:
@@ -64,9 +65,11 @@ CLIENT_TIMEOUT_S = _int("GUNICORN_CLIENT_TIMEOUT", 5)
 # X-Forwarded-Proto only from the proxies the application trusts too
 # (TRUSTED_PROXIES, lockngen.settings): the same list for both.
 forwarded_allow_ips = ",".join(
-    item.strip()
-    for item in os.environ.get("TRUSTED_PROXIES", "127.0.0.1/32,::1/128").split(",")
-    if item.strip()
+    str(network)
+    for network in parse_networks(
+        env_list(os.environ, "TRUSTED_PROXIES", DEFAULT_TRUSTED_PROXIES),
+        name="TRUSTED_PROXIES",
+    )
 )
 
 # gunicorn >= 25 opens a control socket under $HOME by default; several
