@@ -313,8 +313,7 @@ class Command(BaseCommand):
                         cursor.execute(statement)
 
         label = f"{migration.app_label}.{migration.name}"
-        if "apps" not in state.__dict__:
-            state.apps  # noqa: B018 - render once, as the executor does
+        state.apps  # noqa: B018 - render once (cached), as the executor does
         try:
             with RehearsingEditor(connection, collect_sql=True, atomic=False) as editor:
                 state = migration.apply(state, editor, collect_sql=True)
