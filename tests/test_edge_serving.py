@@ -209,8 +209,11 @@ def few_connections(edge_db, tmp_path_factory) -> Iterator[LiveApi]:
 
 
 def open_socket_count(pid: int) -> int:
-    fds = Path(f"/proc/{pid}/fd")
-    return sum(1 for fd in fds.iterdir() if os.readlink(fd).startswith("socket:"))
+    count = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # closed while we look
+            count += os.readlink(fd).startswith("socket:")
+    return count
 
 
 def test_lingering_closes_are_capped_at_worker_connections(few_connections):
@@ -231,7 +234,9 @@ def test_lingering_closes_are_capped_at_worker_connections(few_connections):
             assert time.monotonic() < deadline, "not every request was answered"
             time.sleep(0.05)
         held = open_socket_count(worker) - baseline
-        assert held <= 20 + 5, held  # the lingering ones, plus a little slack
+        # At most the 20 lingering ones, plus room for the worker's own
+        # database and Redis sockets opening meanwhile; uncapped, all 100.
+        assert held <= 2 * 20, held
         assert_recovers(api)
 
 
