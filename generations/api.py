@@ -273,9 +273,12 @@ class ClaimSerializer(StrictSerializer):
         required=False,
         help_text="Only jobs of these models (the ones this worker has loaded).",
     )
-    worker = _in(
-        "claimed_by",
-        StrictCharField,
+    # ``claimed_by`` is not editable (only the claim writes it), so its model
+    # field yields a read-only DRF field: the limit is read off it instead.
+    worker = StrictCharField(
+        max_length=Generation._meta.get_field("claimed_by").max_length,
+        required=False,
+        allow_null=True,
         help_text="This worker's name, kept in claimed_by while it holds the job.",
     )
 
