@@ -110,6 +110,18 @@ def test_generation_search_by_prompt_and_name(admin_client, query, expected):
     assert listed(response) == {made[name].pk for name in expected}
 
 
+def test_generation_changelist_shows_and_finds_the_worker_holding_a_job(
+    admin_client,
+):
+    held, _ = make_generation(prompt="held"), make_generation(prompt="waiting")
+    assert claim_one(worker="gpu-box-7").pk == held.pk
+
+    response = admin_client.get(GENERATIONS, {"q": "gpu-box-7"})
+
+    assert listed(response) == {held.pk}
+    assert "gpu-box-7" in response.content.decode()
+
+
 def test_key_filters_is_deleted_and_active(admin_client):
     alive, _ = make_api_key(name="alive")
     revoked, _ = make_api_key(name="revoked")
