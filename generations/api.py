@@ -446,9 +446,12 @@ LEASE_CONFLICT = {
         request=ClaimSerializer,
         responses={
             HTTPStatus.OK: ClaimedSerializer,
+            HTTPStatus.NO_CONTENT: OpenApiResponse(
+                description="Nothing claimable now: wait a little and claim again."
+            ),
             **BAD_REQUEST,
-            HTTPStatus.NO_CONTENT: OpenApiResponse(description="Nothing to do."),
             **ADMIN_ERRORS,
+            **UNSUPPORTED_MEDIA_TYPE,
         },
     ),
     heartbeat=documented(

@@ -436,6 +436,11 @@ class KeyQueue(models.Model):
     ``max_running`` mirrors the key's cap. The claim locks a capped key's
     row while it takes jobs, so no two claims fill the same free slot.
     Never written by Python.
+
+    Its two indexes — the claim's walk over keys, least recently served
+    first (``last_served_at NULLS FIRST``, which SQLite cannot index), one for
+    keys without a cap and one for capped keys with a free slot, so a key at
+    its cap is not even visited — are made with the triggers (PostgreSQL).
     """
 
     api_key_id = models.UUIDField(primary_key=True, editable=False)
@@ -447,26 +452,6 @@ class KeyQueue(models.Model):
 
     class Meta:
         db_table = "generation_key_queues"
-        indexes = [
-            # The claim's walk over keys, least recently served first (never
-            # served first of all, oldest backlog first among those): one
-            # index for keys without a cap, one for capped keys with a free
-            # slot, so a key at its cap is not even visited.
-            models.Index(
-                F("last_served_at").asc(nulls_first=True),
-                F("queued_since"),
-                F("api_key_id"),
-                name="key_queues_open_turn_idx",
-                condition=Q(queued__gt=0, max_running__isnull=True),
-            ),
-            models.Index(
-                F("last_served_at").asc(nulls_first=True),
-                F("queued_since"),
-                F("api_key_id"),
-                name="key_queues_capped_turn_idx",
-                condition=Q(queued__gt=0, running__lt=F("max_running")),
-            ),
-        ]
         constraints = [
             models.CheckConstraint(
                 condition=Q(queued__gte=0), name="key_queues_queued_gte_0"

@@ -141,6 +141,13 @@ BEGIN
 END
 $$;
 
+CREATE INDEX key_queues_open_turn_idx ON generation_key_queues
+    (last_served_at NULLS FIRST, queued_since, api_key_id)
+    WHERE queued > 0 AND max_running IS NULL;
+CREATE INDEX key_queues_capped_turn_idx ON generation_key_queues
+    (last_served_at NULLS FIRST, queued_since, api_key_id)
+    WHERE queued > 0 AND running < max_running;
+
 CREATE TRIGGER generations_key_queue_insert AFTER INSERT ON generations
     REFERENCING NEW TABLE AS new_rows
     FOR EACH STATEMENT EXECUTE FUNCTION generations_count_in_key_queues();
@@ -184,6 +191,8 @@ DROP FUNCTION generations_truncate_key_queues();
 DROP FUNCTION generations_count_in_key_queues();
 DROP FUNCTION generation_key_queue_add(uuid, integer, integer, boolean, timestamptz);
 DELETE FROM generation_key_queues;
+DROP INDEX key_queues_capped_turn_idx;
+DROP INDEX key_queues_open_turn_idx;
 """
 
 
@@ -257,28 +266,6 @@ class Migration(migrations.Migration):
                 models.F("id"),
                 condition=models.Q(("is_deleted", False), ("status", 0)),
                 name="generations_lane_model_idx",
-            ),
-        ),
-        migrations.AddIndex(
-            model_name="keyqueue",
-            index=models.Index(
-                models.OrderBy(models.F("last_served_at"), nulls_first=True),
-                models.F("queued_since"),
-                models.F("api_key_id"),
-                condition=models.Q(("max_running__isnull", True), ("queued__gt", 0)),
-                name="key_queues_open_turn_idx",
-            ),
-        ),
-        migrations.AddIndex(
-            model_name="keyqueue",
-            index=models.Index(
-                models.OrderBy(models.F("last_served_at"), nulls_first=True),
-                models.F("queued_since"),
-                models.F("api_key_id"),
-                condition=models.Q(
-                    ("queued__gt", 0), ("running__lt", models.F("max_running"))
-                ),
-                name="key_queues_capped_turn_idx",
             ),
         ),
         migrations.AddConstraint(
