@@ -56,6 +56,17 @@ class ApiKey(SoftDeleteModel):
         validators=[MinValueValidator(0)],
         help_text="Requests per minute; 0 = unlimited (workers).",
     )
+    is_worker = models.BooleanField(
+        default=False,
+        db_default=False,
+        help_text="May only claim jobs and report on the jobs it holds.",
+    )
+    max_running = models.IntegerField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(1)],
+        help_text="At most this many of the key's jobs run at once; empty = no cap.",
+    )
     # The database's clock, like every timestamp the service writes (SPEC §11).
     created_at = models.DateTimeField(db_default=Now(), editable=False)
     last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
@@ -75,6 +86,9 @@ class ApiKey(SoftDeleteModel):
         constraints = [
             models.CheckConstraint(
                 condition=Q(rate_limit__gte=0), name="api_keys_rate_limit_gte_0"
+            ),
+            models.CheckConstraint(
+                condition=Q(max_running__gte=1), name="api_keys_max_running_gte_1"
             ),
             models.CheckConstraint(
                 condition=Q(key_prefix__startswith="lk_"),

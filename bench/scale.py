@@ -18,9 +18,9 @@ key's does.
 
 Plans: the SQL the API itself issues — captured with
 ``CaptureQueriesContext`` around in-process requests (list pages with the key
-lookup by ``key_hash``; claim: its expired-lease and queue-head selects, in a
-transaction rolled back) — run again under ``EXPLAIN (ANALYZE, BUFFERS)``;
-each must scan the index made for it.
+lookup by ``key_hash``; the claim's one statement, in a transaction rolled
+back) — run again under ``EXPLAIN (ANALYZE, BUFFERS)``; each must scan the
+indexes made for it.
 """
 
 from __future__ import annotations
@@ -89,14 +89,14 @@ FROM others,
      LATERAL (SELECT now() - (%(rows)s - i) * interval '30 seconds' AS created) AS t
 """
 
-# Which captured statement is which, and the index it must use.
+# Which captured statement is which, and the indexes it must use.
 PLANS = {
-    "list, big key, first page": "generations_key_list_idx",
-    "list, big key, deep page": "generations_key_list_idx",
-    "list, quiet key, first page": "generations_key_list_idx",
-    "key lookup (key_hash)": "api_keys_key_hash",
-    "claim: expired leases": "generations_lease_idx",
-    "claim: queue head": "generations_queue_head_idx",
+    "list, big key, first page": ("generations_key_list_idx",),
+    "list, big key, deep page": ("generations_key_list_idx",),
+    "list, quiet key, first page": ("generations_key_list_idx",),
+    "key lookup (key_hash)": ("api_keys_key_hash",),
+    # Keys in turn, then the chosen key's oldest job (generations.claims).
+    "claim": ("key_queues_open_turn_idx", "generations_lane_head_idx"),
 }
 
 
@@ -199,8 +199,13 @@ def capture(
 
     def queries(method: str, path: str, key: str, status: set[int]) -> list[str]:
         client = TestClient(HTTP_X_API_KEY=key, HTTP_X_FORWARDED_PROTO="https")
+        body = (
+            {"data": "{}", "content_type": "application/json"}
+            if method == "post"
+            else {}
+        )
         with CaptureQueriesContext(connection) as captured:
-            response = getattr(client, method)(path)
+            response = getattr(client, method)(path, **body)
         if response.status_code not in status:
             raise RuntimeError(f"{method} {path}: {response.status_code}")
         return [query["sql"] for query in captured.captured_queries]
@@ -224,15 +229,14 @@ def capture(
     found[names[1]] = pick(deep_sqls, 'FROM "generations"', "ORDER BY")
     found[names[2]] = pick(quiet_sqls, 'FROM "generations"', "ORDER BY")
     found[names[3]] = pick(first_sqls, 'FROM "api_keys"', '"key_hash"')
-    found[names[4]] = pick(claim_sqls, "SKIP LOCKED", '"lease_expires_at" <')
-    found[names[5]] = pick(claim_sqls, "SKIP LOCKED", '"status" = 0')
+    found[names[4]] = pick(claim_sqls, "SKIP LOCKED", "generation_key_queues")
     return found
 
 
-def uses_index(plan: list[str], index: str) -> bool:
+def uses_index(plan: list[str], indexes: tuple[str, ...]) -> bool:
     text = "\n".join(plan)
     return (
-        f" using {index}" in text.lower()
+        all(f" using {index}" in text.lower() for index in indexes)
         and "Seq Scan on generations" not in text
         and "Seq Scan on api_keys" not in text
     )
@@ -323,9 +327,10 @@ def run(*, smoke: bool = False) -> bool:
 
     indexed = True
     for name, plan in plans.items():
-        ok = uses_index(plan, PLANS[name].lower())
+        ok = uses_index(plan, PLANS[name])
         indexed = indexed and ok
-        verdict = f"uses {PLANS[name]}" if ok else f"does NOT use {PLANS[name]}"
+        wanted = " and ".join(PLANS[name])
+        verdict = f"uses {wanted}" if ok else f"does NOT use {wanted}"
         print(f"-- {name}: {verdict}")
         for line in key_lines(plan):
             print(f"   {line}")

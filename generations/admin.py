@@ -35,10 +35,11 @@ class GenerationAdmin(SoftDeleteAdmin):
         "created_at",
         "duration",
         "attempts",
+        "claimed_by",
         "is_deleted",
     )
-    list_filter = ("status", "is_deleted", "created_at")
-    search_fields = ("prompt", "name")
+    list_filter = ("status", "model", "is_deleted", "created_at")
+    search_fields = ("prompt", "name", "claimed_by")
     date_hierarchy = "created_at"
     actions = ["cancel", *SoftDeleteAdmin.soft_delete_actions]
     soft_delete_rows = staticmethod(generation_delete_many)
@@ -60,6 +61,7 @@ class GenerationAdmin(SoftDeleteAdmin):
         "error_message",
         ("created_at", "updated_at"),
         ("started_at", "lease_expires_at", "attempts"),
+        "claimed_by",
         ("completed_at", "duration_ms"),
         ("is_deleted", "deleted_at"),
     )

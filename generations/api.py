@@ -21,6 +21,7 @@ from rest_framework.response import Response
 from rest_framework.utils.field_mapping import ClassLookupDict
 
 from apikeys.auth import IsAdminKey
+from generations.claims import MAX_BATCH, generation_claim
 from generations.models import (
     LIMITS,
     Generation,
@@ -36,7 +37,6 @@ from generations.services import (
     IdempotencyKeyReused,
     LeaseLost,
     generation_cancel,
-    generation_claim_next,
     generation_complete,
     generation_create,
     generation_delete,
@@ -120,18 +120,34 @@ OUTPUT: dict[str, Callable[[Any], Any]] = {
 }
 
 
-def generation_json(generation: Generation) -> dict[str, Any]:
-    """The API shape of a generation (SPEC §5)."""
-    return {name: write(getattr(generation, name)) for name, write in OUTPUT.items()}
+# What worker and admin keys see besides (SPEC §5): which GPU box holds a job.
+FLEET_OUTPUT: dict[str, Callable[[Any], Any]] = {"claimed_by": _as_is}
+
+
+def generation_json(generation: Generation, *, fleet: bool = False) -> dict[str, Any]:
+    """The API shape of a generation (SPEC §5); ``fleet`` for worker and
+    admin keys (``sees_the_fleet``)."""
+    body = {name: write(getattr(generation, name)) for name, write in OUTPUT.items()}
+    if fleet:
+        body |= {
+            name: write(getattr(generation, name))
+            for name, write in FLEET_OUTPUT.items()
+        }
+    return body
+
+
+def sees_the_fleet(api_key: Any) -> bool:
+    return api_key.is_admin or api_key.is_worker
 
 
 def leased_json(generation: Generation) -> dict[str, Any]:
     """The generation as its lease holder sees it: with the fencing token.
 
     Only the claim and the holder's heartbeat answer with this; no read does.
+    Only worker and admin keys hold leases, so ``claimed_by`` is in it.
     """
     token = generation.lease_token
-    return generation_json(generation) | {
+    return generation_json(generation, fleet=True) | {
         "lease_token": None if token is None else str(token)
     }
 
@@ -139,7 +155,7 @@ def leased_json(generation: Generation) -> dict[str, Any]:
 _DRF_FIELD_FOR = ClassLookupDict(serializers.ModelSerializer.serializer_field_mapping)
 
 
-def _documented(name: str) -> serializers.Field:
+def _documented(name: str, **kwargs: Any) -> serializers.Field:
     """The schema of one ``OUTPUT`` field, read from the model field."""
     if name == "status":
         return serializers.ChoiceField(choices=list(STATUS_BY_NAME), read_only=True)
@@ -150,6 +166,7 @@ def _documented(name: str) -> serializers.Field:
         _DRF_FIELD_FOR[db_field],
         read_only=True,
         default=serializers.empty,
+        **kwargs,
     )
 
 
@@ -165,6 +182,10 @@ GenerationSerializer = type(
         "__module__": __name__,
         "__doc__": "Documents ``generation_json`` for the schema.",
         **{name: _documented(name) for name in OUTPUT},
+        **{
+            name: _documented(name, help_text="Worker and admin keys only.")
+            for name in FLEET_OUTPUT
+        },
     },
 )
 
@@ -232,7 +253,40 @@ GenerationUpdateSerializer = type(
 )
 
 
+MAX_CLAIM_MODELS = 20
 LEASE_HELP = "The lease_token of the claim that handed out this job."
+
+
+class ClaimSerializer(StrictSerializer):
+    """What the worker can take; every field is optional."""
+
+    max = StrictIntegerField(
+        min_value=1,
+        max_value=MAX_BATCH,
+        default=1,
+        help_text="Take up to this many jobs in one claim.",
+    )
+    models = serializers.ListField(
+        child=_in("model", StrictCharField, required=True, allow_null=False),
+        min_length=1,
+        max_length=MAX_CLAIM_MODELS,
+        required=False,
+        help_text="Only jobs of these models (the ones this worker has loaded).",
+    )
+    # ``claimed_by`` is not editable (only the claim writes it), so its model
+    # field yields a read-only DRF field: the limit is read off it instead.
+    worker = StrictCharField(
+        max_length=Generation._meta.get_field("claimed_by").max_length,
+        required=False,
+        allow_null=True,
+        help_text="This worker's name, kept in claimed_by while it holds the job.",
+    )
+
+
+class ClaimedSerializer(serializers.Serializer):
+    """The jobs now running for this worker, each with its lease token."""
+
+    jobs = LeasedGenerationSerializer(many=True, read_only=True)
 
 
 class LeaseSerializer(StrictSerializer):
@@ -387,12 +441,17 @@ LEASE_CONFLICT = {
         responses={**OK, **BAD_REQUEST, **AUTH_ERRORS, **NOT_FOUND, **CONFLICT},
     ),
     claim=documented(
-        "Worker: claim the next job (expired leases first, then the oldest queued)",
-        request=None,
+        "Worker: claim up to `max` jobs (expired leases first, then keys in "
+        "turn, least recently served first; never past a key's max_running)",
+        request=ClaimSerializer,
         responses={
-            **LEASED,
-            HTTPStatus.NO_CONTENT: OpenApiResponse(description="Nothing to do."),
+            HTTPStatus.OK: ClaimedSerializer,
+            HTTPStatus.NO_CONTENT: OpenApiResponse(
+                description="Nothing claimable now: wait a little and claim again."
+            ),
+            **BAD_REQUEST,
             **ADMIN_ERRORS,
+            **UNSUPPORTED_MEDIA_TYPE,
         },
     ),
     heartbeat=documented(
@@ -445,6 +504,10 @@ class GenerationViewSet(ApiViewSet):
             return [IsAdminKey()]
         return super().get_permissions()  # REST_FRAMEWORK's default: any key
 
+    def json(self, generation: Generation) -> dict[str, Any]:
+        """The generation as the calling key may see it."""
+        return generation_json(generation, fleet=sees_the_fleet(self.request.auth))
+
     def visible(self, id: str) -> Generation:
         """The generation with this id if the calling key may see it; else 404."""
         generation = generation_get(api_key=self.request.auth, pk=parse_uuid(id))
@@ -463,7 +526,7 @@ class GenerationViewSet(ApiViewSet):
             status=STATUS_BY_NAME.get(filters.get("status")),
             model=filters.get("model"),
         )
-        return paginate(self, queryset, generation_json)
+        return paginate(self, queryset, self.json)
 
     def create(self, request: Request) -> Response:
         key = idempotency_key(request)
@@ -488,13 +551,13 @@ class GenerationViewSet(ApiViewSet):
                 },
                 status=HTTPStatus.CONFLICT,
             )
-        body = generation_json(generation)
+        body = self.json(generation)
         if not is_new:
             return Response(body, headers={"Idempotent-Replayed": "true"})
         return created(body, request, f"/api/v1/generations/{generation.id}")
 
     def retrieve(self, request: Request, id: str) -> Response:
-        return Response(generation_json(self.visible(id)))
+        return Response(self.json(self.visible(id)))
 
     def partial_update(self, request: Request, id: str) -> Response:
         generation = self.visible(id)
@@ -510,7 +573,7 @@ class GenerationViewSet(ApiViewSet):
                 ) from None
             except Generation.DoesNotExist:  # deleted by a concurrent request
                 raise exceptions.NotFound() from None
-        return Response(generation_json(generation))
+        return Response(self.json(generation))
 
     def destroy(self, request: Request, id: str) -> Response:
         generation = self.visible(id)
@@ -526,10 +589,15 @@ class GenerationViewSet(ApiViewSet):
 
     @action(detail=False, methods=["post"])
     def claim(self, request: Request) -> Response:
-        generation = generation_claim_next()
-        if generation is None:
+        fields = validated(ClaimSerializer, request.data)
+        jobs = generation_claim(
+            max_jobs=fields["max"],
+            models=fields.get("models"),
+            worker=fields.get("worker"),
+        )
+        if not jobs:
             return Response(status=HTTPStatus.NO_CONTENT)
-        return Response(leased_json(generation))
+        return Response({"jobs": [leased_json(job) for job in jobs]})
 
     @action(detail=True, methods=["post"])
     def heartbeat(self, request: Request, id: str) -> Response:
@@ -541,14 +609,12 @@ class GenerationViewSet(ApiViewSet):
     @action(detail=True, methods=["post"])
     def complete(self, request: Request, id: str) -> Response:
         fields = validated(GenerationCompleteSerializer, request.data)
-        return self._leased(
-            id, "complete", generation_complete, generation_json, **fields
-        )
+        return self._leased(id, "complete", generation_complete, self.json, **fields)
 
     @action(detail=True, methods=["post"])
     def fail(self, request: Request, id: str) -> Response:
         fields = validated(GenerationFailSerializer, request.data)
-        return self._leased(id, "fail", generation_fail, generation_json, **fields)
+        return self._leased(id, "fail", generation_fail, self.json, **fields)
 
     def _leased(
         self, id: str, verb: str, service: Any, to_json: Any, **fields: Any
@@ -593,4 +659,4 @@ class GenerationViewSet(ApiViewSet):
             raise exceptions.NotFound() from None
         except InvalidTransition as exc:
             return self._conflict(verb, exc)
-        return Response(generation_json(generation))
+        return Response(self.json(generation))

@@ -24,14 +24,16 @@ from django.core.validators import (
 )
 from django.db import models
 from django.db.backends.base.base import BaseDatabaseWrapper
-from django.db.models import Case, F, Q, When
-from django.db.models.functions import Mod, Now
+from django.db.models import Case, F, Q, Value, When
+from django.db.models.functions import Coalesce, Mod, Now
 from django.db.models.lookups import Exact
 
 from apikeys.models import HashField
 from lockngen.softdelete import SoftDeleteManager, SoftDeleteModel, SoftDeleteQuerySet
 
 SEED_MAX = 2**63 - 1
+# The queue lane of jobs created without a key (shell, admin): the nil uuid.
+NO_KEY = uuid.UUID(int=0)
 DIMENSION_MULTIPLE = 8
 
 
@@ -151,9 +153,6 @@ def expired_lease() -> Q:
 
 
 class GenerationQuerySet(SoftDeleteQuerySet):
-    def queue_head(self) -> GenerationQuerySet:
-        return self.filter(status=Status.QUEUED).order_by("created_at", "id")
-
     def expired_leases(self) -> GenerationQuerySet:
         return self.filter(expired_lease()).order_by("lease_expires_at", "id")
 
@@ -237,6 +236,13 @@ class Generation(SoftDeleteModel):
         max_length=64, null=True, blank=True, editable=False
     )
     lease_token = models.UUIDField(null=True, blank=True, editable=False)
+    claimed_by = models.CharField(
+        max_length=100,
+        null=True,
+        blank=True,
+        editable=False,
+        help_text="The worker holding the lease, as it named itself in the claim.",
+    )
     api_key = models.ForeignKey(
         "apikeys.ApiKey",
         on_delete=models.PROTECT,
@@ -260,9 +266,21 @@ class Generation(SoftDeleteModel):
                 name="generations_key_list_idx",
                 condition=Q(is_deleted=False),
             ),
+            # The claim's two walks of one key's queue (generations.claims):
+            # its oldest jobs, and its oldest jobs of one model.
             models.Index(
-                fields=["created_at", "id"],
-                name="generations_queue_head_idx",
+                Coalesce(F("api_key"), Value(NO_KEY)),
+                F("created_at"),
+                F("id"),
+                name="generations_lane_head_idx",
+                condition=Q(is_deleted=False, status=Status.QUEUED),
+            ),
+            models.Index(
+                Coalesce(F("api_key"), Value(NO_KEY)),
+                F("model"),
+                F("created_at"),
+                F("id"),
+                name="generations_lane_model_idx",
                 condition=Q(is_deleted=False, status=Status.QUEUED),
             ),
             models.Index(
@@ -364,11 +382,12 @@ def transition_values(target: Status, *, lease_seconds: int = 0) -> dict[str, An
             "lease_token": RandomUUID(),
         }
     elif target == Status.QUEUED:
-        values |= {"lease_expires_at": None, "lease_token": None}
+        values |= {"lease_expires_at": None, "lease_token": None, "claimed_by": None}
     else:
         values |= {
             "lease_expires_at": None,
             "lease_token": None,
+            "claimed_by": None,
             "completed_at": now,
             "duration_ms": DurationMs("started_at"),
         }
@@ -403,3 +422,44 @@ class DurationMs(models.Func):
             ),
             **extra_context,
         )
+
+
+class KeyQueue(models.Model):
+    """One key's place in the queue: what the claim reads to be fair and capped.
+
+    A row per API key that ever queued a job (``NO_KEY`` for jobs created
+    without one), kept by database triggers on ``generations`` and
+    ``api_keys`` (migration 0003) in the same transaction as every change of
+    a job's status, whichever path makes it: ``queued`` and ``running``
+    count the key's jobs, ``last_served_at`` is when one of them was last
+    claimed, ``queued_since`` when its current backlog began, and
+    ``max_running`` mirrors the key's cap. The claim locks a capped key's
+    row while it takes jobs, so no two claims fill the same free slot.
+    Never written by Python.
+
+    Its two indexes — the claim's walk over keys, least recently served
+    first (``last_served_at NULLS FIRST``, which SQLite cannot index), one for
+    keys without a cap and one for capped keys with a free slot, so a key at
+    its cap is not even visited — are made with the triggers (PostgreSQL).
+    """
+
+    api_key_id = models.UUIDField(primary_key=True, editable=False)
+    queued = models.IntegerField(default=0, db_default=0, editable=False)
+    running = models.IntegerField(default=0, db_default=0, editable=False)
+    queued_since = models.DateTimeField(null=True, editable=False)
+    last_served_at = models.DateTimeField(null=True, editable=False)
+    max_running = models.IntegerField(null=True, editable=False)
+
+    class Meta:
+        db_table = "generation_key_queues"
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(queued__gte=0), name="key_queues_queued_gte_0"
+            ),
+            models.CheckConstraint(
+                condition=Q(running__gte=0), name="key_queues_running_gte_0"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.api_key_id}: {self.queued} queued, {self.running} running"

@@ -1,14 +1,14 @@
-"""Generation workflows: create, claim, heartbeat, complete, fail, cancel.
+"""Generation workflows: create, heartbeat, complete, fail, cancel, delete.
 
 Views, admin and commands call these; the status machine itself lives in
-``Generation.transition_to`` / ``transition_values``.
+``Generation.transition_to`` / ``transition_values``; the claim in
+``generations.claims``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import uuid
 from typing import Any
 
@@ -27,10 +27,6 @@ from generations.models import (
     transition_values,
 )
 from lockngen.rows import insert_one
-
-logger = logging.getLogger(__name__)
-
-EXPIRED_SWEEP_BATCH = 100
 
 
 class IdempotencyConflict(Exception):
@@ -279,44 +275,3 @@ def generation_update(
     generation.save(update_fields=[*fields, "updated_at"])
     generation.refresh_from_db(fields=["updated_at"])
     return generation
-
-
-@transaction.atomic
-def generation_claim_next(*, max_attempts: int | None = None) -> Generation | None:
-    """Hand the next job to a worker, or None when there is nothing to do.
-
-    Expired leases come first: with attempts left the job is claimed again,
-    without it fails. Otherwise the oldest queued job is taken. Rows are
-    locked with ``FOR UPDATE SKIP LOCKED`` so concurrent workers never receive
-    the same job and never wait on each other.
-    """
-    max_attempts = max_attempts or settings.MAX_ATTEMPTS
-    for _ in range(EXPIRED_SWEEP_BATCH):
-        expired = (
-            Generation.objects.expired_leases()
-            .select_for_update(skip_locked=True)
-            .first()
-        )
-        if expired is None:
-            break
-        if expired.attempts >= max_attempts:
-            _save_transition(
-                expired,
-                Status.FAILED,
-                extra={
-                    "error_message": (
-                        f"lease expired after {expired.attempts} attempt(s); "
-                        "no attempts left"
-                    )
-                },
-            )
-            logger.warning("generation %s failed: lease expired", expired.pk)
-            continue
-        expired.transition_to(Status.QUEUED)
-        logger.info("generation %s lease expired; claiming again", expired.pk)
-        return _save_transition(expired, Status.RUNNING)
-
-    head = Generation.objects.queue_head().select_for_update(skip_locked=True).first()
-    if head is None:
-        return None
-    return _save_transition(head, Status.RUNNING)

@@ -197,6 +197,13 @@ class ApiClient:
     def post(self, path: str, body=None, **kwargs):
         return self.request("POST", path, body, **kwargs)
 
+    def claim_one(self, **body) -> dict:
+        """``POST generations/claim`` for one job: that job's JSON (asserts 200)."""
+        response = self.post("generations/claim", body or None)
+        assert response.status_code == 200, response.content
+        (job,) = response.json()["jobs"]
+        return job
+
     def patch(self, path: str, body=None, **kwargs):
         return self.request("PATCH", path, body, **kwargs)
 

@@ -6,6 +6,7 @@ from typing import Any
 
 from apikeys.models import ApiKey
 from apikeys.services import api_key_create
+from generations.claims import generation_claim
 from generations.models import Generation
 from generations.services import generation_create
 
@@ -22,3 +23,10 @@ def make_generation(*, api_key: ApiKey | None = None, **fields: Any) -> Generati
     fields.setdefault("prompt", "a lighthouse at dusk")
     generation, _ = generation_create(api_key=api_key, **fields)
     return generation
+
+
+def claim_one(**options: Any) -> Generation | None:
+    """The one job ``generation_claim`` hands out (``max_jobs=1``), or None."""
+    jobs = generation_claim(**options)
+    assert len(jobs) <= 1
+    return jobs[0] if jobs else None

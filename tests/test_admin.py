@@ -16,8 +16,7 @@ from apikeys.keys import hash_key
 from apikeys.models import ApiKey
 from generations.admin import GenerationAdmin
 from generations.models import Generation, Status
-from generations.services import generation_claim_next
-from tests.factories import make_api_key, make_generation
+from tests.factories import claim_one, make_api_key, make_generation
 
 pytestmark = pytest.mark.django_db
 
@@ -111,6 +110,18 @@ def test_generation_search_by_prompt_and_name(admin_client, query, expected):
     assert listed(response) == {made[name].pk for name in expected}
 
 
+def test_generation_changelist_shows_and_finds_the_worker_holding_a_job(
+    admin_client,
+):
+    held, _ = make_generation(prompt="held"), make_generation(prompt="waiting")
+    assert claim_one(worker="gpu-box-7").pk == held.pk
+
+    response = admin_client.get(GENERATIONS, {"q": "gpu-box-7"})
+
+    assert listed(response) == {held.pk}
+    assert "gpu-box-7" in response.content.decode()
+
+
 def test_key_filters_is_deleted_and_active(admin_client):
     alive, _ = make_api_key(name="alive")
     revoked, _ = make_api_key(name="revoked")
@@ -136,7 +147,7 @@ def test_key_filters_is_deleted_and_active(admin_client):
 def test_generation_filters_status_deleted_and_date(admin_client):
     queued = make_generation()
     running = make_generation()
-    generation_claim_next()  # claims the oldest: queued
+    claim_one()  # claims the oldest: queued
     deleted = make_generation()
     deleted.delete()
 
@@ -388,7 +399,7 @@ def csrf_post(client, page: str, url: str, data: dict):
 
 def running_job() -> Generation:
     generation = make_generation()
-    claimed = generation_claim_next()
+    claimed = claim_one()
     assert (claimed.pk, claimed.status) == (generation.pk, Status.RUNNING)
     return claimed
 

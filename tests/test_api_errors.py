@@ -65,7 +65,7 @@ def test_unhandled_exception_in_a_view_is_json_500(admin_api, debug, monkeypatch
     def broken() -> None:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr("generations.api.generation_claim_next", broken)
+    monkeypatch.setattr("generations.api.generation_claim", broken)
 
     body = assert_json_error(admin_api.post("generations/claim"), 500)
 

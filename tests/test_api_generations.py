@@ -482,7 +482,7 @@ def test_deleting_a_running_job_cancels_it_so_its_worker_stops(
     owner_api, owner_key, admin_api
 ):
     generation = make_generation(api_key=owner_key[0])
-    claimed = admin_api.post("generations/claim").json()
+    claimed = admin_api.claim_one()
     assert claimed["id"] == str(generation.pk)
 
     assert owner_api.delete(f"generations/{generation.pk}").status_code == 204
@@ -548,13 +548,13 @@ def test_claim_hands_out_the_oldest_queued_job(admin_api, owner_key):
     response = admin_api.post("generations/claim")
 
     assert response.status_code == HTTPStatus.OK
-    body = response.json()
+    (body,) = response.json()["jobs"]
     assert body["id"] == str(oldest.pk)
     assert body["status"] == "running"
     assert body["attempts"] == 1
     assert body["started_at"] is not None
     assert body["lease_expires_at"] > body["started_at"]
-    assert set(body) == GENERATION_FIELDS | {"lease_token"}
+    assert set(body) == GENERATION_FIELDS | {"claimed_by", "lease_token"}
     assert str(uuid.UUID(body["lease_token"])) == body["lease_token"]
     assert Generation.objects.get(pk=oldest.pk).lease_token == uuid.UUID(
         body["lease_token"]
@@ -569,7 +569,7 @@ def test_claim_with_nothing_queued_is_204(admin_api):
 
 def test_heartbeat_extends_the_lease(admin_api, owner_key):
     make_generation(api_key=owner_key[0])
-    claimed = admin_api.post("generations/claim").json()
+    claimed = admin_api.claim_one()
     Generation.objects.filter(pk=claimed["id"]).update(lease_expires_at=Now())
 
     response = admin_api.post(f"generations/{claimed['id']}/heartbeat", lease(claimed))
@@ -587,7 +587,7 @@ def test_heartbeat_tells_the_worker_its_job_was_cancelled(
     admin_api, owner_api, owner_key
 ):
     make_generation(api_key=owner_key[0])
-    claimed = admin_api.post("generations/claim").json()
+    claimed = admin_api.claim_one()
     owner_api.post(f"generations/{claimed['id']}/cancel")
 
     response = admin_api.post(f"generations/{claimed['id']}/heartbeat", lease(claimed))
@@ -613,7 +613,7 @@ def test_a_token_for_a_job_never_claimed_is_lease_lost(admin_api, owner_key, ver
 
 def test_complete_records_the_outputs_and_the_duration(admin_api, owner_key):
     make_generation(api_key=owner_key[0])
-    claimed = admin_api.post("generations/claim").json()
+    claimed = admin_api.claim_one()
 
     response = admin_api.post(
         f"generations/{claimed['id']}/complete",
@@ -642,7 +642,7 @@ def test_complete_records_the_outputs_and_the_duration(admin_api, owner_key):
 
 def test_complete_needs_an_output_path(admin_api, owner_key):
     make_generation(api_key=owner_key[0])
-    claimed = admin_api.post("generations/claim").json()
+    claimed = admin_api.claim_one()
 
     response = admin_api.post(f"generations/{claimed['id']}/complete", lease(claimed))
 
@@ -656,7 +656,7 @@ def test_finishing_a_job_cancelled_meanwhile_is_an_invalid_transition(
     admin_api, owner_api, owner_key, verb
 ):
     make_generation(api_key=owner_key[0])
-    claimed = admin_api.post("generations/claim").json()
+    claimed = admin_api.claim_one()
     owner_api.post(f"generations/{claimed['id']}/cancel")
     before = Generation.objects.values().get(pk=claimed["id"])
 
@@ -673,7 +673,7 @@ def test_finishing_a_job_cancelled_meanwhile_is_an_invalid_transition(
 
 def test_fail_records_the_error(admin_api, owner_key):
     make_generation(api_key=owner_key[0])
-    claimed = admin_api.post("generations/claim").json()
+    claimed = admin_api.claim_one()
 
     response = admin_api.post(
         f"generations/{claimed['id']}/fail",

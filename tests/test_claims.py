@@ -52,8 +52,9 @@ def test_concurrent_workers_claim_every_job_exactly_once(admin_key, owner_key):
         start.wait()
         claimed = []
         while (response := api.post("generations/claim")).status_code == 200:
-            assert response.json()["status"] == "running"
-            claimed.append(response.json()["id"])
+            (job,) = response.json()["jobs"]
+            assert job["status"] == "running"
+            claimed.append(job["id"])
         assert response.status_code == HTTPStatus.NO_CONTENT
         return claimed
 
@@ -148,7 +149,7 @@ def test_a_worker_whose_lease_expired_into_failure_gets_409(
 ):
     settings.MAX_ATTEMPTS = 1
     job = make_generation(api_key=owner_key[0])
-    token = admin_api.post("generations/claim").json()["lease_token"]
+    token = admin_api.claim_one()["lease_token"]
     expire_lease(job.pk)
     admin_api.post("generations/claim")  # sweeps the expired lease: failed
 
@@ -172,9 +173,9 @@ def test_a_stale_worker_cannot_touch_the_job_its_successor_holds(
     admin_api, owner_api, owner_key
 ):
     job = make_generation(api_key=owner_key[0])
-    worker_a = admin_api.post("generations/claim").json()
+    worker_a = admin_api.claim_one()
     expire_lease(job.pk)  # A stalls past its lease
-    worker_b = admin_api.post("generations/claim").json()
+    worker_b = admin_api.claim_one()
     assert (worker_b["id"], worker_b["attempts"]) == (str(job.pk), 2)
     assert worker_b["lease_token"] != worker_a["lease_token"]
     held_by_b = Generation.objects.values().get(pk=job.pk)
@@ -234,7 +235,7 @@ def test_every_claim_hands_out_a_fresh_token_and_leaving_running_clears_it(
     admin_api, owner_api, owner_key
 ):
     jobs = [make_generation(api_key=owner_key[0]) for _ in range(3)]
-    tokens = {admin_api.post("generations/claim").json()["lease_token"] for _ in jobs}
+    tokens = {admin_api.claim_one()["lease_token"] for _ in jobs}
     assert len(tokens) == 3  # one per claim, never shared
 
     owner_api.post(f"generations/{jobs[0].pk}/cancel")
@@ -257,7 +258,7 @@ def warm_admin(admin_api):
 @pytest.mark.parametrize("verb", ["heartbeat", "complete"])
 def test_fenced_heartbeat_and_complete_are_one_update_each(warm_admin, owner_key, verb):
     job = make_generation(api_key=owner_key[0])
-    claimed = warm_admin.post("generations/claim").json()
+    claimed = warm_admin.claim_one()
 
     with CaptureQueriesContext(connection) as queries:
         response = warm_admin.post(

@@ -223,7 +223,12 @@ def test_database_restart_under_load_is_503_then_serves_again(
         for o in load.creates
         if o.reply.status == HTTPStatus.CREATED
     }
-    claimed = [o.reply.json()["id"] for o in load.claims if o.reply.status == 200]
+    claimed = [
+        job["id"]
+        for o in load.claims
+        if o.reply.status == 200
+        for job in o.reply.json()["jobs"]
+    ]
     with psycopg.connect(cluster_database) as conn:
         stored = dict(conn.execute("SELECT id::text, name FROM generations").fetchall())
         attempts = dict(
@@ -348,7 +353,7 @@ def test_job_of_a_worker_that_died_is_claimed_again_after_its_lease(
         worker.kill()
         worker.wait(timeout=10)
     assert status == "200", body
-    first = json.loads(body)
+    (first,) = json.loads(body)["jobs"]
     assert (first["id"], first["status"], first["attempts"]) == (job, "running", 1)
 
     deadline = time.monotonic() + 15
@@ -359,7 +364,7 @@ def test_job_of_a_worker_that_died_is_claimed_again_after_its_lease(
         assert claim.status == HTTPStatus.NO_CONTENT, claim.body
         assert time.monotonic() < deadline, "the orphaned job was never re-claimed"
         time.sleep(0.2)
-    second = claim.json()
+    (second,) = claim.json()["jobs"]
     assert (second["id"], second["status"], second["attempts"]) == (job, "running", 2)
     assert second["started_at"] > first["started_at"]
 

@@ -16,7 +16,6 @@ from health_check.exceptions import ServiceUnavailable, ServiceWarning
 
 from generations.health import QueueGauges
 from generations.models import Generation
-from generations.services import generation_claim_next
 from lockngen.health import (
     ConnectionPool,
     DatabaseBackend,
@@ -25,7 +24,7 @@ from lockngen.health import (
     State,
     overall_state,
 )
-from tests.factories import make_generation
+from tests.factories import claim_one, make_generation
 from tests.serving import closed_port
 
 REDIS_URL = "redis://127.0.0.1:6379/15"
@@ -64,8 +63,8 @@ def test_queue_gauges_count_queued_running_and_expired_leases():
     make_generation(prompt="queued")
     make_generation(prompt="queued too")
     make_generation(prompt="deleted").delete()  # soft-deleted rows do not count
-    generation_claim_next()
-    expired = generation_claim_next()
+    claim_one()
+    expired = claim_one()
     assert expired is not None
     Generation.objects.filter(pk=expired.pk).update(
         lease_expires_at=Now() - timedelta(seconds=1)

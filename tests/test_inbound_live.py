@@ -59,8 +59,8 @@ def jobs(server) -> dict[str, str]:
         ids.append(reply.json()["id"])
     claimed = api.call("POST", "generations/claim")
     assert claimed.status == HTTPStatus.OK, claimed.body
-    job = claimed.json()
-    running = (job["jobs"][0] if "jobs" in job else job)["id"]  # v2: {"jobs": […]}
+    (job,) = claimed.json()["jobs"]
+    running = job["id"]
     queued = next(job for job in ids if job != running)
     return {"queued": queued, "running": running}
 

@@ -94,7 +94,8 @@ def test_schema_documents_both_key_headers_and_the_errors(schema):
 def test_generation_and_key_bodies_are_documented(schema):
     components = schema["components"]["schemas"]
     generation = components["Generation"]["properties"]
-    assert len(generation) == 22
+    assert len(generation) == 23
+    assert "Worker and admin keys only" in generation["claimed_by"]["description"]
     assert generation["seed"]["format"] == "int64"
     assert (generation["width"]["minimum"], generation["width"]["maximum"]) == (
         64,
@@ -117,11 +118,13 @@ def test_the_lease_token_is_documented_only_where_a_worker_gets_or_sends_it(sche
     leased = components["LeasedGeneration"]["properties"]
     assert leased["lease_token"]["format"] == "uuid"
     generations = "/api/v1/generations"
-    for path in (f"{generations}/claim/", f"{generations}/{{id}}/heartbeat/"):
-        ok = schema["paths"][path]["post"]["responses"]["200"]
-        assert ok["content"]["application/json"]["schema"]["$ref"].endswith(
-            "/LeasedGeneration"
-        ), path
+    heartbeat = schema["paths"][f"{generations}/{{id}}/heartbeat/"]["post"]
+    ok = heartbeat["responses"]["200"]["content"]["application/json"]["schema"]
+    assert ok["$ref"].endswith("/LeasedGeneration")
+    claim = schema["paths"][f"{generations}/claim/"]["post"]
+    ok = claim["responses"]["200"]["content"]["application/json"]["schema"]
+    jobs = components[ok["$ref"].rsplit("/", 1)[1]]["properties"]["jobs"]
+    assert jobs["items"]["$ref"].endswith("/LeasedGeneration")
     for verb in ("heartbeat", "complete", "fail"):
         operation = schema["paths"][f"{generations}/{{id}}/{verb}/"]["post"]
         body = operation["requestBody"]["content"]["application/json"]["schema"]

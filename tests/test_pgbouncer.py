@@ -198,7 +198,8 @@ def test_api_smoke_path_through_pgbouncer(pooled, tmp_path):
         first_status, first = call("GET", "/api/v1/generations?page_size=2")
         following = urlsplit(first["next"])
         second_status, second = call("GET", f"{following.path}?{following.query}")
-        claim_status, claimed = call("POST", "/api/v1/generations/claim")
+        claim_status, claim = call("POST", "/api/v1/generations/claim")
+        (claimed,) = claim["jobs"]
         job = f"/api/v1/generations/{claimed['id']}"
         lease = {"lease_token": claimed["lease_token"]}
         beat_status, beat = call("POST", f"{job}/heartbeat", lease)

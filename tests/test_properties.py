@@ -35,13 +35,12 @@ from generations.models import TRANSITIONS, Generation, InvalidTransition, Statu
 from generations.services import (
     LeaseLost,
     generation_cancel,
-    generation_claim_next,
     generation_complete,
     generation_create,
     generation_fail,
     generation_heartbeat,
 )
-from tests.factories import make_api_key
+from tests.factories import claim_one, make_api_key
 
 pytestmark = pytest.mark.django_db
 
@@ -395,7 +394,7 @@ def apply(model: Model, action: str, index: int) -> None:
         return
     if action == "claim":
         expected, expected_failures = model.claim()
-        claimed = generation_claim_next(max_attempts=MAX_ATTEMPTS)
+        claimed = claim_one(max_attempts=MAX_ATTEMPTS)
         assert (claimed and claimed.pk) == (expected and expected.pk)
         for job in expected_failures:
             job.status, job.expired_order = Status.FAILED, None

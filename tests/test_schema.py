@@ -11,6 +11,8 @@ import re
 import pytest
 from django.db import IntegrityError, connection, transaction
 
+from generations.models import NO_KEY
+
 pytestmark = pytest.mark.django_db
 
 NULL_NOT_ALLOWED = False
@@ -48,6 +50,7 @@ GENERATION_COLUMNS = {
     "idempotency_key": ("character varying", 100, NULLABLE, None),
     "request_fingerprint": ("character", 64, NULLABLE, None),
     "lease_token": ("uuid", None, NULLABLE, None),
+    "claimed_by": ("character varying", 100, NULLABLE, None),
     "api_key_id": ("uuid", None, NULLABLE, None),
     "is_deleted": ("boolean", None, NULL_NOT_ALLOWED, "false"),
     "deleted_at": ("timestamp with time zone", None, NULLABLE, None),
@@ -60,6 +63,8 @@ API_KEY_COLUMNS = {
     "key_prefix": ("character varying", 16, NULL_NOT_ALLOWED, None),
     "is_admin": ("boolean", None, NULL_NOT_ALLOWED, "false"),
     "rate_limit": ("integer", None, NULL_NOT_ALLOWED, "100"),
+    "is_worker": ("boolean", None, NULL_NOT_ALLOWED, "false"),
+    "max_running": ("integer", None, NULLABLE, None),
     "created_at": (
         "timestamp with time zone",
         None,
@@ -78,7 +83,17 @@ GENERATION_INDEXES = {
     (False, "btree (status)"),
     (False, "btree (created_at)"),
     (False, "btree (api_key_id, created_at DESC, id DESC) WHERE (NOT is_deleted)"),
-    (False, "btree (created_at, id) WHERE ((NOT is_deleted) AND (status = 0))"),
+    # The claim's walks of one key's queue (SPEC §3, §5).
+    (
+        False,
+        f"btree (COALESCE(api_key_id, '{NO_KEY}'::uuid), created_at, id)"
+        " WHERE ((NOT is_deleted) AND (status = 0))",
+    ),
+    (
+        False,
+        f"btree (COALESCE(api_key_id, '{NO_KEY}'::uuid), model, created_at, id)"
+        " WHERE ((NOT is_deleted) AND (status = 0))",
+    ),
     (
         False,
         "btree (lease_expires_at, id) WHERE ((NOT is_deleted) AND (status = 1))",
@@ -191,6 +206,7 @@ BAD_GENERATIONS = [
 ]
 BAD_API_KEYS = [
     ("rate_limit", "-1", "api_keys_rate_limit_gte_0"),
+    ("max_running", "0", "api_keys_max_running_gte_1"),
     ("key_prefix", "'xx_abcdefgh'", "api_keys_key_prefix_format"),
 ]
 

@@ -21,8 +21,7 @@ from django.test import Client
 from apikeys.keys import DEFAULT_DEV_API_KEY, hash_key, key_prefix
 from apikeys.models import ApiKey
 from generations.models import Generation
-from generations.services import generation_claim_next
-from tests.factories import make_api_key, make_generation
+from tests.factories import claim_one, make_api_key, make_generation
 from tests.liveserver import (
     PRODUCTION,
     create_key,
@@ -303,7 +302,7 @@ def test_a_non_admin_key_cannot_reach_admin_endpoints_by_any_method(
     admin = ApiKey.objects.get(key_hash=hash_key(admin_key_raw))
     client_key, raw = make_api_key(name="client", rate_limit=0)
     generation = make_generation(api_key=client_key)
-    assert generation_claim_next().pk == generation.pk  # running: could complete
+    assert claim_one().pk == generation.pk  # running: could complete
     path = endpoint.format(key=admin.pk, generation=generation.pk)
     before = world()
 

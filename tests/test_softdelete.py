@@ -240,10 +240,10 @@ def test_purge_deleted_refuses_bad_arguments(args):
 
 
 def claimed_job(**fields):
-    from generations.services import generation_claim_next
+    from tests.factories import claim_one
 
     generation = make_generation(**fields)
-    assert generation_claim_next().pk == generation.pk
+    assert claim_one().pk == generation.pk
     return generation
 
 

@@ -16,12 +16,11 @@ from generations.models import Generation, InvalidTransition, Status
 from generations.services import (
     LeaseLost,
     generation_cancel,
-    generation_claim_next,
     generation_complete,
     generation_fail,
     generation_heartbeat,
 )
-from tests.factories import make_generation
+from tests.factories import claim_one, make_generation
 
 pytestmark = pytest.mark.django_db
 
@@ -104,19 +103,20 @@ def test_transition_timestamps_come_from_the_database_clock():
     make_generation()
 
     with CaptureQueriesContext(connection) as ctx:
-        generation_claim_next()
+        claim_one()
 
     update = next(
-        q["sql"] for q in ctx.captured_queries if q["sql"].startswith("UPDATE")
+        q["sql"] for q in ctx.captured_queries if "UPDATE" in q["sql"].upper()
     )
-    assert "STATEMENT_TIMESTAMP()" in update
+    assert "statement_timestamp()" in update.lower()
+    assert "now()" not in update.lower()  # the transaction's start, not the claim's
 
 
 def test_claim_sets_started_at_lease_and_attempts(settings):
     settings.LEASE_SECONDS = 120
     generation = make_generation()
 
-    claimed = generation_claim_next()
+    claimed = claim_one()
 
     assert claimed.pk == generation.pk
     assert claimed.status == Status.RUNNING
@@ -131,13 +131,13 @@ def test_claim_takes_the_oldest_queued_job_and_skips_deleted_ones():
     make_generation(name="newer")
     deleted.delete()
 
-    assert generation_claim_next().pk == oldest.pk
+    assert claim_one().pk == oldest.pk
 
 
 def test_claim_returns_none_when_nothing_is_queued():
     generation_in(Status.COMPLETED)
 
-    assert generation_claim_next() is None
+    assert claim_one() is None
 
 
 def test_complete_sets_completed_at_duration_and_output():
@@ -240,20 +240,20 @@ def test_expired_lease_is_claimed_again_then_fails_after_max_attempts(settings):
     settings.MAX_ATTEMPTS = 3
     generation = make_generation()
 
-    first = generation_claim_next()
+    first = claim_one()
     expire_lease(first)
-    second = generation_claim_next()
+    second = claim_one()
     assert (second.pk, second.status, second.attempts) == (
         generation.pk,
         Status.RUNNING,
         2,
     )
     expire_lease(second)
-    third = generation_claim_next()
+    third = claim_one()
     assert third.attempts == 3
     expire_lease(third)
 
-    assert generation_claim_next() is None
+    assert claim_one() is None
     failed = Generation.objects.get(pk=generation.pk)
     assert failed.status == Status.FAILED
     assert failed.attempts == 3
@@ -263,8 +263,8 @@ def test_expired_lease_is_claimed_again_then_fails_after_max_attempts(settings):
 
 def test_an_expired_lease_goes_before_the_queue_head():
     stuck = make_generation(name="stuck")
-    generation_claim_next()
+    claim_one()
     make_generation(name="waiting")
     expire_lease(stuck)
 
-    assert generation_claim_next().pk == stuck.pk
+    assert claim_one().pk == stuck.pk

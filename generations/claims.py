@@ -1,0 +1,262 @@
+"""The claim (SPEC §5): expired leases first, then fair, capped, routed batches.
+
+One statement per claim on PostgreSQL, a fixed SQL string (the hot path of
+every worker; ``lockngen.rows`` says why not the ORM):
+
+1. expired leases with no attempts left fail;
+2. expired leases with attempts left, of the wanted models, are taken first;
+3. then keys take turns, least recently served first (``KeyQueue``: keys
+   never served first of all, the oldest backlog first among those), each
+   giving its oldest jobs: at most its free slots under ``max_running``, and
+   at most an even share of the batch, so one key's backlog never starves
+   another;
+4. every job taken becomes running with a fresh lease token, in the same
+   statement (``UPDATE … RETURNING``).
+
+Rows are taken with ``FOR UPDATE SKIP LOCKED``: concurrent claimers never
+receive the same job and never wait for each other's jobs. The walk over
+keys is an index scan of ``generation_key_queues`` and each key's jobs an
+index scan of its lane (``generations_lane_*_idx``), so the cost does not
+grow with the backlog. A capped key's queue row is locked while its jobs are
+taken (``SKIP LOCKED`` too: a claimer that finds it locked goes on to the
+next key) and its ``running`` counter moves in the same transaction (the
+triggers of migration 0003), so two claims can never fill one free slot.
+Claims of one uncapped key do wait for each other's commit on that key's
+counter row, which is microseconds, never for a job.
+
+The SQL restates ``transition_values`` for the two transitions it makes;
+tests/test_claims_engine.py holds the two to the same rows.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from django.conf import settings
+from django.db import IntegrityError, connection, transaction
+
+from apikeys.models import ApiKey
+from generations.models import (
+    NO_KEY,
+    DurationMs,
+    Generation,
+    Status,
+    transition_values,
+)
+
+logger = logging.getLogger(__name__)
+
+MAX_BATCH = 50
+EXPIRED_SWEEP_BATCH = 100
+# A claim that lost a race for a capped key's last slot (the trigger refused
+# it) is tried again; the next try sees the key at its cap and skips it.
+CAP_RACE_RETRIES = 3
+
+_LANE = f"COALESCE(g.api_key_id, '{NO_KEY}'::uuid)"
+_EXPIRED = (
+    "g.status = 1 AND NOT g.is_deleted AND g.lease_expires_at < statement_timestamp()"
+)
+_DURATION = DurationMs.template % {"expressions": "g.started_at"}
+
+# Each key's jobs, oldest first, at most ``take`` of them; ``{models}`` is
+# empty (any model) or walks one model's lane at a time, so a key's backlog
+# of other models is never read.
+_ANY_MODEL = f"""
+        SELECT g.id FROM generations g
+        WHERE {_LANE} = lanes.api_key_id AND g.status = 0 AND NOT g.is_deleted
+        ORDER BY g.created_at, g.id
+        LIMIT LEAST(lanes.free, (SELECT per_key FROM share))
+        FOR UPDATE OF g SKIP LOCKED"""  # noqa: S608 (constants; values are parameters)
+
+_SOME_MODELS = f"""
+        SELECT picked.id FROM unnest(%(models)s::varchar[]) AS wanted(model),
+        LATERAL (
+            SELECT g.id, g.created_at FROM generations g
+            WHERE {_LANE} = lanes.api_key_id AND g.model = wanted.model
+              AND g.status = 0 AND NOT g.is_deleted
+            ORDER BY g.created_at, g.id
+            LIMIT LEAST(lanes.free, (SELECT per_key FROM share))
+            FOR UPDATE OF g SKIP LOCKED
+        ) picked
+        ORDER BY picked.created_at, picked.id
+        LIMIT LEAST(lanes.free, (SELECT per_key FROM share))"""  # noqa: S608
+
+_TURN = "last_served_at ASC NULLS FIRST, queued_since, api_key_id"
+
+_CLAIM = f"""
+WITH exhausted AS (
+    UPDATE generations AS g SET
+        status = {Status.FAILED.value},
+        updated_at = statement_timestamp(),
+        completed_at = statement_timestamp(),
+        duration_ms = {_DURATION},
+        lease_expires_at = NULL,
+        lease_token = NULL,
+        claimed_by = NULL,
+        error_message = 'lease expired after ' || g.attempts
+            || ' attempt(s); no attempts left'
+    WHERE g.id IN (
+        SELECT g.id FROM generations g
+        WHERE {_EXPIRED} AND g.attempts >= %(max_attempts)s
+        ORDER BY g.lease_expires_at, g.id
+        LIMIT {EXPIRED_SWEEP_BATCH}
+        FOR UPDATE OF g SKIP LOCKED
+    )
+    RETURNING g.id
+),
+reclaimed AS (
+    SELECT g.id FROM generations g
+    WHERE {_EXPIRED} AND g.attempts < %(max_attempts)s {{expired_models}}
+    ORDER BY g.lease_expires_at, g.id
+    LIMIT %(n)s
+    FOR UPDATE OF g SKIP LOCKED
+),
+share AS (
+    -- An even share of the batch per key: the keys with work, counted up
+    -- to the batch size (index scans, never the whole table).
+    SELECT CASE WHEN %(n)s = 1 THEN 1 ELSE ceil(%(n)s::numeric / GREATEST(1,
+        (SELECT count(*) FROM (
+            SELECT 1 FROM generation_key_queues
+            WHERE queued > 0 AND max_running IS NULL LIMIT %(n)s) AS open_keys)
+        + (SELECT count(*) FROM (
+            SELECT 1 FROM generation_key_queues
+            WHERE queued > 0 AND running < max_running LIMIT %(n)s) AS capped_keys)
+    ))::integer END AS per_key
+),
+fair AS (
+    SELECT job.id
+    FROM (
+        (
+            SELECT api_key_id, last_served_at, queued_since, %(n)s AS free
+            FROM generation_key_queues
+            WHERE queued > 0 AND max_running IS NULL
+            ORDER BY {_TURN}
+        )
+        UNION ALL
+        (
+            SELECT * FROM (
+                SELECT api_key_id, last_served_at, queued_since,
+                       max_running - running AS free
+                FROM generation_key_queues
+                WHERE queued > 0 AND running < max_running
+                ORDER BY {_TURN}
+                FOR UPDATE SKIP LOCKED
+            ) capped
+        )
+        ORDER BY {_TURN}
+    ) lanes,
+    LATERAL ({{lane_jobs}}
+    ) job
+    LIMIT %(n)s - (SELECT count(*) FROM reclaimed)
+),
+picked AS (
+    SELECT id FROM reclaimed UNION ALL SELECT id FROM fair
+)
+UPDATE generations AS g SET
+    status = {Status.RUNNING.value},
+    updated_at = statement_timestamp(),
+    started_at = statement_timestamp(),
+    lease_expires_at = statement_timestamp() + make_interval(secs => %(lease)s),
+    attempts = g.attempts + 1,
+    lease_token = gen_random_uuid(),
+    claimed_by = %(worker)s
+WHERE g.id = ANY(ARRAY(SELECT id FROM picked))
+RETURNING {{columns}}
+"""  # noqa: S608
+
+
+def _claim_sql(*, routed: bool) -> str:
+    columns = ", ".join(f"g.{f.column}" for f in Generation._meta.concrete_fields)
+    return _CLAIM.format(
+        expired_models="AND g.model = ANY(%(models)s::varchar[])" if routed else "",
+        lane_jobs=_SOME_MODELS if routed else _ANY_MODEL,
+        columns=columns,
+    )
+
+
+CLAIM_ANY_MODEL = _claim_sql(routed=False)
+CLAIM_SOME_MODELS = _claim_sql(routed=True)
+_ATTNAMES = tuple(f.attname for f in Generation._meta.concrete_fields)
+
+
+def generation_claim(
+    *,
+    max_jobs: int = 1,
+    models: Sequence[str] | None = None,
+    worker: str | None = None,
+    max_attempts: int | None = None,
+) -> list[Generation]:
+    """Hand up to ``max_jobs`` jobs to a worker (SPEC §5); [] when none.
+
+    ``models`` limits the claim to jobs of those models; ``worker`` is kept
+    in ``claimed_by``. Jobs come oldest first within a key.
+    """
+    if not 1 <= max_jobs <= MAX_BATCH:
+        raise ValueError(f"max_jobs must be 1..{MAX_BATCH}")
+    max_attempts = max_attempts or settings.MAX_ATTEMPTS
+    if connection.vendor != "postgresql":
+        return _claim_with_the_orm(max_jobs, models, worker, max_attempts)
+    params = {
+        "n": max_jobs,
+        "models": list(models) if models else None,
+        "worker": worker,
+        "lease": settings.LEASE_SECONDS,
+        "max_attempts": max_attempts,
+    }
+    sql = CLAIM_SOME_MODELS if models else CLAIM_ANY_MODEL
+    for attempt in range(1, CAP_RACE_RETRIES + 1):
+        try:
+            with transaction.atomic(), connection.cursor() as cursor:
+                cursor.execute(sql, params)
+                rows = cursor.fetchall()
+            break
+        except IntegrityError:
+            if attempt == CAP_RACE_RETRIES:
+                raise
+            logger.info("claim lost a race for a capped key's slot; trying again")
+    jobs = [Generation.from_db(connection.alias, _ATTNAMES, row) for row in rows]
+    return sorted(jobs, key=lambda job: (job.created_at, job.id))
+
+
+def _claim_with_the_orm(
+    max_jobs: int, models: Sequence[str] | None, worker: str | None, max_attempts: int
+) -> list[Generation]:
+    """The SQLite development fallback: expired leases first, then the oldest
+    jobs, never past a key's cap; no turns between keys.
+
+    SQLite lets one writer in at a time, which is what makes the Python cap
+    check safe there; PostgreSQL never takes this path.
+    """
+    claimed: list[Generation] = []
+    with transaction.atomic():
+        expired = Generation.objects.expired_leases()
+        expired.filter(attempts__gte=max_attempts).update(
+            **transition_values(Status.FAILED),
+            error_message="lease expired; no attempts left",
+        )
+        claimable = Generation.objects.select_related("api_key")
+        if models:
+            claimable = claimable.filter(model__in=models)
+        candidates = [
+            *claimable.filter(pk__in=expired.values("pk")),
+            *claimable.filter(status=Status.QUEUED).order_by("created_at", "id"),
+        ]
+        for job in candidates:
+            if len(claimed) == max_jobs:
+                break
+            if job.status == Status.QUEUED and _at_cap(job.api_key):
+                continue
+            values = transition_values(
+                Status.RUNNING, lease_seconds=settings.LEASE_SECONDS
+            )
+            Generation.objects.filter(pk=job.pk).update(**values, claimed_by=worker)
+            claimed.append(Generation.objects.get(pk=job.pk))
+    return claimed
+
+
+def _at_cap(api_key: ApiKey | None) -> bool:
+    if api_key is None or api_key.max_running is None:
+        return False
+    running = Generation.objects.filter(api_key=api_key, status=Status.RUNNING)
+    return running.count() >= api_key.max_running
