@@ -15,6 +15,9 @@ from lockngen.softdelete import SoftDeleteManager, SoftDeleteModel, SoftDeleteQu
 
 # Requests per minute of a key created without one (0 = unlimited).
 DEFAULT_RATE_LIMIT = 100
+# A worker key that is also an admin would be an admin (SPEC §5): refused, so
+# a key's flags always say what it may do.
+ONE_ROLE = "A key is an admin key or a worker key, not both."
 # The annotation ``ApiKeyQuerySet.with_is_active`` adds.
 IS_ACTIVE_NOW = "is_active_now"
 
@@ -56,6 +59,20 @@ class ApiKey(SoftDeleteModel):
         validators=[MinValueValidator(0)],
         help_text="Requests per minute; 0 = unlimited (workers).",
     )
+    # A key has one role (SPEC §5): client (neither flag), worker or admin.
+    is_worker = models.BooleanField(
+        default=False,
+        db_default=False,
+        help_text="A worker key may only claim jobs and report on the jobs it holds.",
+    )
+    max_running = models.IntegerField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(1)],
+        help_text=(
+            "At most this many of the key's own jobs run at once; empty = no cap."
+        ),
+    )
     # The database's clock, like every timestamp the service writes (SPEC §11).
     created_at = models.DateTimeField(db_default=Now(), editable=False)
     last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
@@ -79,6 +96,15 @@ class ApiKey(SoftDeleteModel):
             models.CheckConstraint(
                 condition=Q(key_prefix__startswith="lk_"),
                 name="api_keys_key_prefix_format",
+            ),
+            # NULL (no cap) passes, as it does any CHECK.
+            models.CheckConstraint(
+                condition=Q(max_running__gte=1), name="api_keys_max_running_gte_1"
+            ),
+            models.CheckConstraint(
+                condition=~Q(is_admin=True, is_worker=True),
+                name="api_keys_one_role",
+                violation_error_message=ONE_ROLE,
             ),
         ]
 
@@ -133,6 +159,12 @@ class ApiKey(SoftDeleteModel):
 
     def save(self, *args: Any, **kwargs: Any) -> None:
         self.clean()
+        # The CHECK ``api_keys_one_role``, asked before the round trip so every
+        # path through ``save()`` (services, shell) gets a ValidationError
+        # naming the field. Not in ``clean()``: a ModelForm validates the
+        # constraint itself and would show the message twice.
+        if self.is_admin and self.is_worker:
+            raise ValidationError({"is_worker": ONE_ROLE})
         super().save(*args, **kwargs)
         if self.revoked_at is None or isinstance(self.revoked_at, datetime):
             self.loaded_revoked_at = self.revoked_at

@@ -157,16 +157,21 @@ def test_generation_filters_status_deleted_and_date(admin_client):
 # --- adding a key -----------------------------------------------------------------
 
 
-def test_add_key_form_asks_only_name_flags_rate_limit_and_expiry(admin_client):
+KEY_FORM_FIELDS = {
+    "name",
+    "is_admin",
+    "is_worker",
+    "rate_limit",
+    "max_running",
+    "expires_at",
+}
+
+
+def test_add_key_form_asks_only_name_roles_limits_and_expiry(admin_client):
     response = admin_client.get(KEY_ADD)
 
     assert response.status_code == HTTPStatus.OK
-    assert set(response.context["adminform"].form.fields) == {
-        "name",
-        "is_admin",
-        "rate_limit",
-        "expires_at",
-    }
+    assert set(response.context["adminform"].form.fields) == KEY_FORM_FIELDS
 
 
 def test_adding_a_key_shows_the_raw_key_once_and_never_again(admin_client):
@@ -202,7 +207,7 @@ def test_key_change_page_shows_hash_and_timestamps_read_only(admin_client):
     response = admin_client.get(key_change(api_key))
 
     form_fields = set(response.context["adminform"].form.fields)
-    assert form_fields == {"name", "is_admin", "rate_limit", "expires_at"}
+    assert form_fields == KEY_FORM_FIELDS
     assert api_key.key_hash in response.content.decode()
 
 

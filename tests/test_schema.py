@@ -59,7 +59,9 @@ API_KEY_COLUMNS = {
     "key_hash": ("character", 64, NULL_NOT_ALLOWED, None),
     "key_prefix": ("character varying", 16, NULL_NOT_ALLOWED, None),
     "is_admin": ("boolean", None, NULL_NOT_ALLOWED, "false"),
+    "is_worker": ("boolean", None, NULL_NOT_ALLOWED, "false"),
     "rate_limit": ("integer", None, NULL_NOT_ALLOWED, "100"),
+    "max_running": ("integer", None, NULLABLE, None),
     "created_at": (
         "timestamp with time zone",
         None,
@@ -164,6 +166,7 @@ GOOD_API_KEY = {
     "name": "'k'",
     "key_hash": "repeat('a', 64)",
     "key_prefix": "'lk_abcdefgh'",
+    "is_admin": "true",
 }
 
 BAD_GENERATIONS = [
@@ -192,6 +195,8 @@ BAD_GENERATIONS = [
 BAD_API_KEYS = [
     ("rate_limit", "-1", "api_keys_rate_limit_gte_0"),
     ("key_prefix", "'xx_abcdefgh'", "api_keys_key_prefix_format"),
+    ("max_running", "0", "api_keys_max_running_gte_1"),
+    ("is_worker", "true", "api_keys_one_role"),  # the good row is an admin key
 ]
 
 
@@ -261,3 +266,16 @@ def test_check_constraint_refuses_a_bad_row_written_with_raw_sql(
 )
 def test_check_constraints_accept_the_boundaries(column, value):
     insert("generations", {**GOOD_GENERATION, column: value})
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        pytest.param({"is_worker": "true", "is_admin": "false"}, id="worker"),
+        pytest.param({"max_running": "1"}, id="max_running=1"),
+        pytest.param({"max_running": "2147483647"}, id="max_running=int-max"),
+        pytest.param({"max_running": "NULL"}, id="max_running=null"),
+    ],
+)
+def test_api_key_check_constraints_accept_the_boundaries(row):
+    insert("api_keys", {**GOOD_API_KEY, **row})
