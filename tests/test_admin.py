@@ -201,6 +201,41 @@ def test_adding_a_key_shows_the_raw_key_once_and_never_again(admin_client):
         assert raw_key not in page.content.decode()
 
 
+def test_adding_a_worker_key_with_a_cap(admin_client):
+    admin_client.post(
+        KEY_ADD,
+        {"name": "gpu box", "is_worker": "on", "rate_limit": "0", "max_running": "3"},
+    )
+
+    api_key = ApiKey.objects.get(name="gpu box")
+    assert (api_key.is_admin, api_key.is_worker, api_key.max_running) == (
+        False,
+        True,
+        3,
+    )
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        pytest.param({"is_admin": "on", "is_worker": "on"}, id="two-roles"),
+        pytest.param({"max_running": "0"}, id="zero-cap"),
+    ],
+)
+def test_the_add_form_refuses_two_roles_or_a_zero_cap(admin_client, form):
+    keys = ApiKey.all_objects.count()
+
+    response = admin_client.post(KEY_ADD, {"name": "bad", "rate_limit": "0", **form})
+
+    assert response.status_code == HTTPStatus.OK  # the form again, with its errors
+    errors = response.context["adminform"].form.errors
+    assert errors, errors
+    if "is_worker" in form:
+        shown = [m for e in errors.as_data()["__all__"] for m in e.messages]
+        assert shown == ["A key is an admin key or a worker key, not both."]
+    assert ApiKey.all_objects.count() == keys
+
+
 def test_key_change_page_shows_hash_and_timestamps_read_only(admin_client):
     api_key, _ = make_api_key()
 
