@@ -92,11 +92,11 @@ class Command(BaseCommand):
             raise CommandError("; ".join(exc.messages)) from None
         role = "admin " if api_key.is_admin else "worker " if api_key.is_worker else ""
         expires = api_key.expires_at.isoformat() if api_key.expires_at else "never"
-        cap = api_key.max_running or "no cap"
+        limit = f"{api_key.rate_limit}/min" if api_key.rate_limit else "unlimited"
+        cap = f"at most {api_key.max_running}" if api_key.max_running else "no cap"
         self.stderr.write(
             f"Created {role}API key {api_key.key_prefix}… ({api_key.name}), rate "
-            f"limit {api_key.rate_limit or 'unlimited'}/min, running jobs {cap}, "
-            f"expires {expires}.\n"
+            f"limit {limit}, running jobs {cap}, expires {expires}.\n"
             "Store the key now: it is shown only this once."
         )
         self.stdout.write(raw_key)
