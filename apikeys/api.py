@@ -117,7 +117,15 @@ class ApiKeyCreateSerializer(StrictSerializer):
             f"{DEFAULT_RATE_LIMIT} for the others."
         ),
     )
-    max_running = model_field(ApiKey, "max_running", StrictIntegerField)
+    max_running = model_field(
+        ApiKey,
+        "max_running",
+        StrictIntegerField,
+        help_text=(
+            "At most this many of the key's own jobs run at once; null or left "
+            "out = no cap."
+        ),
+    )
     expires_at = model_field(
         ApiKey,
         "expires_at",
