@@ -59,19 +59,16 @@ class ApiKey(SoftDeleteModel):
         validators=[MinValueValidator(0)],
         help_text="Requests per minute; 0 = unlimited (workers).",
     )
-    # A key has one role (SPEC §5): client (neither flag), worker or admin.
     is_worker = models.BooleanField(
         default=False,
         db_default=False,
-        help_text="A worker key may only claim jobs and report on the jobs it holds.",
+        help_text="May only claim jobs and report on the jobs it holds.",
     )
     max_running = models.IntegerField(
         null=True,
         blank=True,
         validators=[MinValueValidator(1)],
-        help_text=(
-            "At most this many of the key's own jobs run at once; empty = no cap."
-        ),
+        help_text="At most this many of the key's jobs run at once; empty = no cap.",
     )
     # The database's clock, like every timestamp the service writes (SPEC §11).
     created_at = models.DateTimeField(db_default=Now(), editable=False)
@@ -94,13 +91,13 @@ class ApiKey(SoftDeleteModel):
                 condition=Q(rate_limit__gte=0), name="api_keys_rate_limit_gte_0"
             ),
             models.CheckConstraint(
+                condition=Q(max_running__gte=1), name="api_keys_max_running_gte_1"
+            ),
+            models.CheckConstraint(
                 condition=Q(key_prefix__startswith="lk_"),
                 name="api_keys_key_prefix_format",
             ),
-            # NULL (no cap) passes, as it does any CHECK.
-            models.CheckConstraint(
-                condition=Q(max_running__gte=1), name="api_keys_max_running_gte_1"
-            ),
+            # One role per key; a client key has neither flag.
             models.CheckConstraint(
                 condition=~Q(is_admin=True, is_worker=True),
                 name="api_keys_one_role",

@@ -59,8 +59,8 @@ API_KEY_COLUMNS = {
     "key_hash": ("character", 64, NULL_NOT_ALLOWED, None),
     "key_prefix": ("character varying", 16, NULL_NOT_ALLOWED, None),
     "is_admin": ("boolean", None, NULL_NOT_ALLOWED, "false"),
-    "is_worker": ("boolean", None, NULL_NOT_ALLOWED, "false"),
     "rate_limit": ("integer", None, NULL_NOT_ALLOWED, "100"),
+    "is_worker": ("boolean", None, NULL_NOT_ALLOWED, "false"),
     "max_running": ("integer", None, NULLABLE, None),
     "created_at": (
         "timestamp with time zone",
@@ -194,8 +194,8 @@ BAD_GENERATIONS = [
 ]
 BAD_API_KEYS = [
     ("rate_limit", "-1", "api_keys_rate_limit_gte_0"),
-    ("key_prefix", "'xx_abcdefgh'", "api_keys_key_prefix_format"),
     ("max_running", "0", "api_keys_max_running_gte_1"),
+    ("key_prefix", "'xx_abcdefgh'", "api_keys_key_prefix_format"),
     ("is_worker", "true", "api_keys_one_role"),  # the good row is an admin key
 ]
 

@@ -16,7 +16,7 @@ class Migration(migrations.Migration):
             field=models.BooleanField(
                 db_default=False,
                 default=False,
-                help_text="A worker key may only claim jobs and report on the jobs it holds.",
+                help_text="May only claim jobs and report on the jobs it holds.",
             ),
         ),
         migrations.AddField(
@@ -24,7 +24,7 @@ class Migration(migrations.Migration):
             name="max_running",
             field=models.IntegerField(
                 blank=True,
-                help_text="At most this many of the key's own jobs run at once; empty = no cap.",
+                help_text="At most this many of the key's jobs run at once; empty = no cap.",
                 null=True,
                 validators=[django.core.validators.MinValueValidator(1)],
             ),
@@ -34,16 +34,6 @@ class Migration(migrations.Migration):
             constraint=models.CheckConstraint(
                 condition=models.Q(("max_running__gte", 1)),
                 name="api_keys_max_running_gte_1",
-            ),
-        ),
-        migrations.AddConstraint(
-            model_name="apikey",
-            constraint=models.CheckConstraint(
-                condition=models.Q(
-                    ("is_admin", True), ("is_worker", True), _negated=True
-                ),
-                name="api_keys_one_role",
-                violation_error_message="A key is an admin key or a worker key, not both.",
             ),
         ),
     ]
