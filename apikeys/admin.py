@@ -22,7 +22,14 @@ from apikeys.services import (
 )
 from lockngen.admin import SoftDeleteAdmin
 
-ADD_FIELDS = ("name", "is_admin", "rate_limit", "expires_at")
+ADD_FIELDS = (
+    "name",
+    "is_admin",
+    "is_worker",
+    "rate_limit",
+    "max_running",
+    "expires_at",
+)
 READONLY_FIELDS = (
     "key_prefix",
     "key_hash",
@@ -56,12 +63,20 @@ class ApiKeyAdmin(SoftDeleteAdmin):
         "name",
         "key_prefix",
         "is_admin",
+        "is_worker",
         "rate_limit",
+        "max_running",
         "last_used_at",
         "active",
         "created_at",
     )
-    list_filter = (ActiveFilter, "is_admin", "is_deleted", "created_at")
+    list_filter = (
+        ActiveFilter,
+        "is_admin",
+        "is_worker",
+        "is_deleted",
+        "created_at",
+    )
     search_fields = ("name", "^key_prefix")
     date_hierarchy = "created_at"
     actions = ["revoke", *SoftDeleteAdmin.soft_delete_actions]
@@ -79,7 +94,7 @@ class ApiKeyAdmin(SoftDeleteAdmin):
     def get_fields(self, request: HttpRequest, obj: ApiKey | None = None) -> Any:
         if obj is None:
             return ADD_FIELDS
-        return ("name", "is_admin", "rate_limit", "expires_at", *READONLY_FIELDS)
+        return (*ADD_FIELDS, *READONLY_FIELDS)
 
     def get_readonly_fields(
         self, request: HttpRequest, obj: ApiKey | None = None
@@ -96,7 +111,9 @@ class ApiKeyAdmin(SoftDeleteAdmin):
         api_key, raw_key = api_key_create(
             name=data["name"],
             is_admin=data["is_admin"],
+            is_worker=data["is_worker"],
             rate_limit=data["rate_limit"],
+            max_running=data["max_running"],
             expires_at=data["expires_at"],
         )
         # The admin goes on with ``obj`` (log entry, redirect): make it the row,

@@ -10,14 +10,16 @@ from datetime import datetime
 from http import HTTPStatus
 from typing import Any
 
+from django.core.exceptions import ValidationError as DjangoValidationError
 from drf_spectacular.utils import OpenApiParameter, extend_schema_view
 from rest_framework import exceptions, serializers
 from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.serializers import as_serializer_error
 
-from apikeys.auth import IsAdminKey
-from apikeys.models import ApiKey
+from apikeys.models import DEFAULT_RATE_LIMIT, ApiKey
+from apikeys.permissions import AnyKey, IsAdminKey
 from apikeys.services import (
     api_key_create,
     api_key_delete_many,
@@ -60,8 +62,14 @@ class ApiKeySerializer(serializers.Serializer):
         help_text="The key's first 11 characters (lk_ + 8).",
     )
     is_admin = serializers.BooleanField(read_only=True)
+    is_worker = serializers.BooleanField(read_only=True)
     rate_limit = serializers.IntegerField(
         read_only=True, help_text="Requests per minute; 0 = unlimited."
+    )
+    max_running = serializers.IntegerField(
+        read_only=True,
+        allow_null=True,
+        help_text="At most this many of the key's jobs run at once; null = no cap.",
     )
     created_at = serializers.DateTimeField(read_only=True)
     last_used_at = serializers.DateTimeField(read_only=True, allow_null=True)
@@ -93,11 +101,31 @@ def in_the_future(value: datetime | None) -> None:
 
 
 class ApiKeyCreateSerializer(StrictSerializer):
-    """A new key; ``rate_limit`` is requests per minute (0 = unlimited)."""
+    """A new key: a client key unless ``is_admin`` or ``is_worker`` (not both)."""
 
     name = model_field(ApiKey, "name", StrictCharField)
     is_admin = model_field(ApiKey, "is_admin", StrictBooleanField)
-    rate_limit = model_field(ApiKey, "rate_limit", StrictIntegerField)
+    is_worker = model_field(ApiKey, "is_worker", StrictBooleanField)
+    # Left out, the service picks the role's default.
+    rate_limit = model_field(
+        ApiKey,
+        "rate_limit",
+        StrictIntegerField,
+        default=serializers.empty,
+        help_text=(
+            "Requests per minute; 0 = unlimited. Default: 0 for a worker key, "
+            f"{DEFAULT_RATE_LIMIT} for the others."
+        ),
+    )
+    max_running = model_field(
+        ApiKey,
+        "max_running",
+        StrictIntegerField,
+        help_text=(
+            "At most this many of the key's own jobs run at once; null or left "
+            "out = no cap."
+        ),
+    )
     expires_at = model_field(
         ApiKey,
         "expires_at",
@@ -162,17 +190,18 @@ DETAIL_ERRORS = {
 class ApiKeyViewSet(ApiViewSet):
     """API keys (admin keys only, except ``/keys/me``)."""
 
-    def get_permissions(self) -> list[Any]:
-        if self.action == "me":
-            return super().get_permissions()  # REST_FRAMEWORK's default: any key
-        return [IsAdminKey()]
+    permission_classes = (IsAdminKey,)
+    permission_classes_by_action = {"me": (AnyKey,)}
 
     def list(self, request: Request) -> Response:
         return paginate(self, ApiKey.objects.with_is_active(), api_key_json)
 
     def create(self, request: Request) -> Response:
         fields = validated(ApiKeyCreateSerializer, request.data)
-        api_key, raw_key = api_key_create(**fields)
+        try:
+            api_key, raw_key = api_key_create(**fields)
+        except DjangoValidationError as exc:  # the model's guards (one role)
+            raise exceptions.ValidationError(as_serializer_error(exc)) from None
         body = {**api_key_json(api_key), "key": raw_key}
         return created(body, request, f"/api/v1/keys/{api_key.id}")
 

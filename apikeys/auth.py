@@ -1,4 +1,4 @@
-"""HTTP side of API keys: authentication and permissions.
+"""HTTP side of API keys: authentication (the roles are ``apikeys.permissions``).
 
 Authentication is one indexed lookup per request (``api_key_authenticate``),
 with no cache, so a revoked key fails on its very next request. Failed
@@ -15,7 +15,6 @@ from typing import Any
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import exceptions
 from rest_framework.authentication import BaseAuthentication
-from rest_framework.permissions import BasePermission
 from rest_framework.request import Request
 
 from apikeys.keys import hash_key
@@ -95,19 +94,6 @@ def credentials(meta: dict[str, Any]) -> str | None:
     if authorization:
         return ""  # some other scheme (Basic …): a credential we do not accept
     return None
-
-
-# Without a key DRF answers 401 (no successful authenticator), otherwise 403.
-class HasApiKey(BasePermission):
-    def has_permission(self, request: Request, view: Any) -> bool:
-        return request.auth is not None
-
-
-class IsAdminKey(BasePermission):
-    message = "This endpoint needs an admin API key."
-
-    def has_permission(self, request: Request, view: Any) -> bool:
-        return request.auth is not None and request.auth.is_admin
 
 
 class RecentlyAuthenticated:

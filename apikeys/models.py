@@ -15,6 +15,9 @@ from lockngen.softdelete import SoftDeleteManager, SoftDeleteModel, SoftDeleteQu
 
 # Requests per minute of a key created without one (0 = unlimited).
 DEFAULT_RATE_LIMIT = 100
+# A worker key that is also an admin would be an admin (SPEC §5): refused, so
+# a key's flags always say what it may do.
+ONE_ROLE = "A key is an admin key or a worker key, not both."
 # The annotation ``ApiKeyQuerySet.with_is_active`` adds.
 IS_ACTIVE_NOW = "is_active_now"
 
@@ -94,6 +97,12 @@ class ApiKey(SoftDeleteModel):
                 condition=Q(key_prefix__startswith="lk_"),
                 name="api_keys_key_prefix_format",
             ),
+            # One role per key; a client key has neither flag.
+            models.CheckConstraint(
+                condition=~Q(is_admin=True, is_worker=True),
+                name="api_keys_one_role",
+                violation_error_message=ONE_ROLE,
+            ),
         ]
 
     def __str__(self) -> str:
@@ -147,6 +156,12 @@ class ApiKey(SoftDeleteModel):
 
     def save(self, *args: Any, **kwargs: Any) -> None:
         self.clean()
+        # The CHECK ``api_keys_one_role``, asked before the round trip so every
+        # path through ``save()`` (services, shell) gets a ValidationError
+        # naming the field. Not in ``clean()``: a ModelForm validates the
+        # constraint itself and would show the message twice.
+        if self.is_admin and self.is_worker:
+            raise ValidationError({"is_worker": ONE_ROLE})
         super().save(*args, **kwargs)
         if self.revoked_at is None or isinstance(self.revoked_at, datetime):
             self.loaded_revoked_at = self.revoked_at

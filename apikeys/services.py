@@ -27,19 +27,33 @@ LAST_USED_RESOLUTION = timedelta(minutes=1)
 DEV_KEY_NAME = "development admin key"
 
 
+def default_rate_limit(*, is_worker: bool) -> int:
+    """A new key's rate limit when none is given: unlimited for a worker key
+    (it polls for work and heartbeats every job; SPEC §3 "0 = unlimited, for
+    workers"), ``DEFAULT_RATE_LIMIT`` per minute for the others."""
+    return 0 if is_worker else DEFAULT_RATE_LIMIT
+
+
 def api_key_create(
     *,
     name: str,
     is_admin: bool = False,
-    rate_limit: int = DEFAULT_RATE_LIMIT,
+    is_worker: bool = False,
+    rate_limit: int | None = None,
+    max_running: int | None = None,
     expires_at: datetime | None = None,
     expires_in: timedelta | None = None,
 ) -> tuple[ApiKey, str]:
     """Create a key; the raw key is returned here once and never stored.
 
-    ``expires_in`` counts from the database's now (``expires_at`` is a
+    A key has one role: ``is_admin`` and ``is_worker`` together raise
+    ``ValidationError`` (the model's guard) and nothing is written.
+    ``rate_limit`` None is ``default_rate_limit``; ``max_running`` None is no
+    cap. ``expires_in`` counts from the database's now (``expires_at`` is a
     moment the caller chose).
     """
+    if rate_limit is None:
+        rate_limit = default_rate_limit(is_worker=is_worker)
     if expires_in is not None:
         if expires_at is not None:
             raise ValueError("give expires_at or expires_in, not both")
@@ -48,7 +62,9 @@ def api_key_create(
     api_key = ApiKey.objects.create(
         name=name,
         is_admin=is_admin,
+        is_worker=is_worker,
         rate_limit=rate_limit,
+        max_running=max_running,
         expires_at=expires_at,
         key_hash=hash_key(raw_key),
         key_prefix=key_prefix(raw_key),

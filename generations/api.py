@@ -1,7 +1,7 @@
 """Generations over HTTP: validate → service → plain-dict JSON.
 
 Clients create, list, read, rename, cancel and delete their own jobs; workers
-(admin keys) claim jobs, keep their lease alive and report the outcome. The
+(worker or admin keys) claim jobs, keep their lease and report the outcome. The
 output is built by ``generation_json`` from the ``OUTPUT`` table (plain
 functions: the read path is the hot path); ``GenerationSerializer`` is
 generated from the same table to document it in the OpenAPI schema.
@@ -20,7 +20,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.utils.field_mapping import ClassLookupDict
 
-from apikeys.auth import IsAdminKey
+from apikeys.permissions import IsWorkerOrAdminKey
 from generations.claims import MAX_BATCH, generation_claim
 from generations.models import (
     LIMITS,
@@ -55,10 +55,11 @@ from lockngen.http.fields import (
 )
 from lockngen.http.pagination import paginate
 from lockngen.http.schema import (
-    ADMIN_ERRORS,
-    AUTH_ERRORS,
     BAD_REQUEST,
+    CLIENT_ERRORS,
+    CLIENT_ONLY,
     UNSUPPORTED_MEDIA_TYPE,
+    WORKER_ERRORS,
     ConflictSerializer,
     documented,
     error,
@@ -387,7 +388,7 @@ LEASE_CONFLICT = {
                 GenerationSerializer, description="Idempotent repeat: the original."
             ),
             **BAD_REQUEST,
-            **AUTH_ERRORS,
+            **CLIENT_ERRORS,
             HTTPStatus.CONFLICT: error(
                 "The Idempotency-Key belongs to a deleted generation."
             ),
@@ -404,12 +405,12 @@ LEASE_CONFLICT = {
             OpenApiParameter("status", str, enum=list(STATUS_BY_NAME)),
             OpenApiParameter("model", str),
         ],
-        responses={**OK, **BAD_REQUEST, **AUTH_ERRORS},
+        responses={**OK, **BAD_REQUEST, **CLIENT_ERRORS},
     ),
     retrieve=documented(
         "Read a generation",
         id_description=ID,
-        responses={**OK, **BAD_REQUEST, **AUTH_ERRORS, **NOT_FOUND},
+        responses={**OK, **BAD_REQUEST, **CLIENT_ERRORS, **NOT_FOUND},
     ),
     partial_update=documented(
         "Rename (admin: also set prompt_id)",
@@ -418,8 +419,8 @@ LEASE_CONFLICT = {
         responses={
             **OK,
             **BAD_REQUEST,
-            **AUTH_ERRORS,
-            HTTPStatus.FORBIDDEN: error("prompt_id needs an admin key."),
+            **CLIENT_ERRORS,
+            HTTPStatus.FORBIDDEN: error(f"{CLIENT_ONLY} prompt_id needs an admin key."),
             **NOT_FOUND,
             **UNSUPPORTED_MEDIA_TYPE,
         },
@@ -430,7 +431,7 @@ LEASE_CONFLICT = {
         responses={
             HTTPStatus.NO_CONTENT: None,
             **BAD_REQUEST,
-            **AUTH_ERRORS,
+            **CLIENT_ERRORS,
             **NOT_FOUND,
         },
     ),
@@ -438,7 +439,7 @@ LEASE_CONFLICT = {
         "Cancel a queued or running generation",
         id_description=ID,
         request=None,
-        responses={**OK, **BAD_REQUEST, **AUTH_ERRORS, **NOT_FOUND, **CONFLICT},
+        responses={**OK, **BAD_REQUEST, **CLIENT_ERRORS, **NOT_FOUND, **CONFLICT},
     ),
     claim=documented(
         "Worker: claim up to `max` jobs (expired leases first, then keys in "
@@ -450,7 +451,7 @@ LEASE_CONFLICT = {
                 description="Nothing claimable now: wait a little and claim again."
             ),
             **BAD_REQUEST,
-            **ADMIN_ERRORS,
+            **WORKER_ERRORS,
             **UNSUPPORTED_MEDIA_TYPE,
         },
     ),
@@ -461,7 +462,7 @@ LEASE_CONFLICT = {
         responses={
             **LEASED,
             **BAD_REQUEST,
-            **ADMIN_ERRORS,
+            **WORKER_ERRORS,
             **NOT_FOUND,
             **LEASE_CONFLICT,
             **UNSUPPORTED_MEDIA_TYPE,
@@ -474,7 +475,7 @@ LEASE_CONFLICT = {
         responses={
             **OK,
             **BAD_REQUEST,
-            **ADMIN_ERRORS,
+            **WORKER_ERRORS,
             **NOT_FOUND,
             **LEASE_CONFLICT,
             **UNSUPPORTED_MEDIA_TYPE,
@@ -487,7 +488,7 @@ LEASE_CONFLICT = {
         responses={
             **OK,
             **BAD_REQUEST,
-            **ADMIN_ERRORS,
+            **WORKER_ERRORS,
             **NOT_FOUND,
             **LEASE_CONFLICT,
             **UNSUPPORTED_MEDIA_TYPE,
@@ -497,12 +498,10 @@ LEASE_CONFLICT = {
 class GenerationViewSet(ApiViewSet):
     """Image-generation jobs: clients queue and follow them, workers run them."""
 
-    WORKER_ACTIONS = frozenset({"claim", "heartbeat", "complete", "fail"})
-
-    def get_permissions(self) -> list[Any]:
-        if self.action in self.WORKER_ACTIONS:
-            return [IsAdminKey()]
-        return super().get_permissions()  # REST_FRAMEWORK's default: any key
+    # The rest: REST_FRAMEWORK's default, client and admin keys.
+    permission_classes_by_action = dict.fromkeys(
+        ("claim", "heartbeat", "complete", "fail"), (IsWorkerOrAdminKey,)
+    )
 
     def json(self, generation: Generation) -> dict[str, Any]:
         """The generation as the calling key may see it."""

@@ -225,7 +225,9 @@ LOCKNGEN_DEV_API_KEY = env.get("LOCKNGEN_DEV_API_KEY", "").strip()
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["apikeys.auth.ApiKeyAuthentication"],
-    "DEFAULT_PERMISSION_CLASSES": ["apikeys.auth.HasApiKey"],
+    # Least privilege: an endpoint is closed to worker keys unless its view
+    # opts in (``permission_classes_by_action``; apikeys.permissions).
+    "DEFAULT_PERMISSION_CLASSES": ["apikeys.permissions.IsClientOrAdminKey"],
     # Run right after authentication, before permissions (lockngen.http.views).
     "DEFAULT_THROTTLE_CLASSES": ["apikeys.ratelimit.ApiKeyRateThrottle"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],

@@ -221,10 +221,18 @@ def api_as(db):
 
 @pytest.fixture
 def admin_key(db):
-    """``(ApiKey, raw)``: an unlimited admin key (a worker)."""
+    """``(ApiKey, raw)``: an unlimited admin key (it may do what a worker does)."""
     from tests.factories import make_api_key
 
     return make_api_key(name="worker", is_admin=True, rate_limit=0)
+
+
+@pytest.fixture
+def worker_key(db):
+    """``(ApiKey, raw)``: an unlimited worker key."""
+    from tests.factories import make_api_key
+
+    return make_api_key(name="gpu box", is_worker=True, rate_limit=0)
 
 
 @pytest.fixture
@@ -246,6 +254,11 @@ def other_key(db):
 @pytest.fixture
 def admin_api(api_as, admin_key):
     return api_as(admin_key[1])
+
+
+@pytest.fixture
+def worker_api(api_as, worker_key):
+    return api_as(worker_key[1])
 
 
 @pytest.fixture

@@ -168,16 +168,21 @@ def test_generation_filters_status_deleted_and_date(admin_client):
 # --- adding a key -----------------------------------------------------------------
 
 
-def test_add_key_form_asks_only_name_flags_rate_limit_and_expiry(admin_client):
+KEY_FORM_FIELDS = {
+    "name",
+    "is_admin",
+    "is_worker",
+    "rate_limit",
+    "max_running",
+    "expires_at",
+}
+
+
+def test_add_key_form_asks_only_name_roles_limits_and_expiry(admin_client):
     response = admin_client.get(KEY_ADD)
 
     assert response.status_code == HTTPStatus.OK
-    assert set(response.context["adminform"].form.fields) == {
-        "name",
-        "is_admin",
-        "rate_limit",
-        "expires_at",
-    }
+    assert set(response.context["adminform"].form.fields) == KEY_FORM_FIELDS
 
 
 def test_adding_a_key_shows_the_raw_key_once_and_never_again(admin_client):
@@ -207,13 +212,48 @@ def test_adding_a_key_shows_the_raw_key_once_and_never_again(admin_client):
         assert raw_key not in page.content.decode()
 
 
+def test_adding_a_worker_key_with_a_cap(admin_client):
+    admin_client.post(
+        KEY_ADD,
+        {"name": "gpu box", "is_worker": "on", "rate_limit": "0", "max_running": "3"},
+    )
+
+    api_key = ApiKey.objects.get(name="gpu box")
+    assert (api_key.is_admin, api_key.is_worker, api_key.max_running) == (
+        False,
+        True,
+        3,
+    )
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        pytest.param({"is_admin": "on", "is_worker": "on"}, id="two-roles"),
+        pytest.param({"max_running": "0"}, id="zero-cap"),
+    ],
+)
+def test_the_add_form_refuses_two_roles_or_a_zero_cap(admin_client, form):
+    keys = ApiKey.all_objects.count()
+
+    response = admin_client.post(KEY_ADD, {"name": "bad", "rate_limit": "0", **form})
+
+    assert response.status_code == HTTPStatus.OK  # the form again, with its errors
+    errors = response.context["adminform"].form.errors
+    assert errors, errors
+    if "is_worker" in form:
+        shown = [m for e in errors.as_data()["__all__"] for m in e.messages]
+        assert shown == ["A key is an admin key or a worker key, not both."]
+    assert ApiKey.all_objects.count() == keys
+
+
 def test_key_change_page_shows_hash_and_timestamps_read_only(admin_client):
     api_key, _ = make_api_key()
 
     response = admin_client.get(key_change(api_key))
 
     form_fields = set(response.context["adminform"].form.fields)
-    assert form_fields == {"name", "is_admin", "rate_limit", "expires_at"}
+    assert form_fields == KEY_FORM_FIELDS
     assert api_key.key_hash in response.content.decode()
 
 

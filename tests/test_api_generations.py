@@ -685,54 +685,61 @@ def test_fail_records_the_error(admin_api, owner_key):
     assert response.json()["error_message"] == "CUDA out of memory"
 
 
-# --- Permissions: none / other / owner / admin × endpoint ------------------------
+# --- Permissions: none / other / owner / worker / admin × endpoint --------------
 
-CALLERS = ("none", "other", "owner", "admin")
+CALLERS = ("none", "other", "owner", "worker", "admin")
 ENDPOINTS = {
     # name: (method, path template, body, expected per caller)
-    "create": ("POST", "generations", {"prompt": "p"}, (401, 201, 201, 201)),
-    "list": ("GET", "generations", None, (401, 200, 200, 200)),
-    "retrieve": ("GET", "generations/{id}", None, (401, 404, 200, 200)),
-    "patch-name": ("PATCH", "generations/{id}", {"name": "n"}, (401, 404, 200, 200)),
+    "create": ("POST", "generations", {"prompt": "p"}, (401, 201, 201, 403, 201)),
+    "list": ("GET", "generations", None, (401, 200, 200, 403, 200)),
+    "retrieve": ("GET", "generations/{id}", None, (401, 404, 200, 403, 200)),
+    "patch-name": (
+        "PATCH",
+        "generations/{id}",
+        {"name": "n"},
+        (401, 404, 200, 403, 200),
+    ),
     "patch-prompt-id": (
         "PATCH",
         "generations/{id}",
         {"prompt_id": "c"},
-        (401, 404, 403, 200),
+        (401, 404, 403, 403, 200),
     ),
-    "delete": ("DELETE", "generations/{id}", None, (401, 404, 204, 204)),
-    "cancel": ("POST", "generations/{id}/cancel", None, (401, 404, 200, 200)),
-    "claim": ("POST", "generations/claim", None, (401, 403, 403, 200)),
+    "delete": ("DELETE", "generations/{id}", None, (401, 404, 204, 403, 204)),
+    "cancel": ("POST", "generations/{id}/cancel", None, (401, 404, 200, 403, 200)),
+    "claim": ("POST", "generations/claim", None, (401, 403, 403, 200, 200)),
     "heartbeat": (
         "POST",
         "generations/{running}/heartbeat",
         {"lease_token": "{token}"},
-        (401, 403, 403, 200),
+        (401, 403, 403, 200, 200),
     ),
     "complete": (
         "POST",
         "generations/{running}/complete",
         {"lease_token": "{token}", "output_path": "o.png"},
-        (401, 403, 403, 200),
+        (401, 403, 403, 200, 200),
     ),
     "fail": (
         "POST",
         "generations/{running}/fail",
         {"lease_token": "{token}"},
-        (401, 403, 403, 200),
+        (401, 403, 403, 200, 200),
     ),
-    "keys-list": ("GET", "keys", None, (401, 403, 403, 200)),
-    "keys-create": ("POST", "keys", {"name": "k"}, (401, 403, 403, 201)),
-    "keys-retrieve": ("GET", "keys/{key}", None, (401, 403, 403, 200)),
-    "keys-revoke": ("POST", "keys/{key}/revoke", None, (401, 403, 403, 200)),
-    "keys-delete": ("DELETE", "keys/{key}", None, (401, 403, 403, 204)),
-    "keys-me": ("GET", "keys/me", None, (401, 200, 200, 200)),
+    "keys-list": ("GET", "keys", None, (401, 403, 403, 403, 200)),
+    "keys-create": ("POST", "keys", {"name": "k"}, (401, 403, 403, 403, 201)),
+    "keys-retrieve": ("GET", "keys/{key}", None, (401, 403, 403, 403, 200)),
+    "keys-revoke": ("POST", "keys/{key}/revoke", None, (401, 403, 403, 403, 200)),
+    "keys-delete": ("DELETE", "keys/{key}", None, (401, 403, 403, 403, 204)),
+    "keys-me": ("GET", "keys/me", None, (401, 200, 200, 200, 200)),
 }
 
 
 @pytest.mark.parametrize("caller", CALLERS)
 @pytest.mark.parametrize("endpoint", list(ENDPOINTS))
-def test_permissions(endpoint, caller, api_as, owner_key, other_key, admin_key):
+def test_permissions(
+    endpoint, caller, api_as, owner_key, other_key, worker_key, admin_key
+):
     from tests.factories import make_api_key
 
     method, template, body, expected = ENDPOINTS[endpoint]
@@ -746,6 +753,7 @@ def test_permissions(endpoint, caller, api_as, owner_key, other_key, admin_key):
         "none": None,
         "other": other_key[1],
         "owner": owner_key[1],
+        "worker": worker_key[1],
         "admin": admin_key[1],
     }[caller]
     path = template.format(id=generation.pk, running=running.pk, key=target_key.pk)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 from http import HTTPStatus
 
+import pytest
 import time_machine
 from django.db import connection
 from django.utils import timezone
@@ -18,7 +19,9 @@ KEY_FIELDS = {
     "name",
     "prefix",
     "is_admin",
+    "is_worker",
     "rate_limit",
+    "max_running",
     "created_at",
     "last_used_at",
     "expires_at",
@@ -146,3 +149,106 @@ def test_expires_at_must_be_in_the_future_of_the_database_clock(admin_api):
     assert response.status_code == HTTPStatus.BAD_REQUEST
     assert response.json() == {"expires_at": ["Must be in the future."]}
     assert not ApiKey.objects.filter(name="late").exists()
+
+
+# --- roles and max_running ------------------------------------------------------
+
+# SPEC §5, Key JSON, in order.
+KEY_JSON_ORDER = [
+    "id",
+    "name",
+    "prefix",
+    "is_admin",
+    "is_worker",
+    "rate_limit",
+    "max_running",
+    "created_at",
+    "last_used_at",
+    "expires_at",
+    "revoked_at",
+    "is_active",
+]
+
+
+def test_key_json_has_the_spec_order(admin_api, admin_key):
+    created = admin_api.post("keys", {"name": "ordered"}).json()
+
+    assert list(created) == [*KEY_JSON_ORDER, "key"]
+    assert list(admin_api.get(f"keys/{created['id']}").json()) == KEY_JSON_ORDER
+    assert list(admin_api.get("keys/me").json()) == KEY_JSON_ORDER
+
+
+def test_create_a_worker_key_unlimited_by_default(admin_api, api_as):
+    response = admin_api.post("keys", {"name": "gpu-box-1", "is_worker": True})
+
+    assert response.status_code == HTTPStatus.CREATED
+    body = response.json()
+    assert (body["is_worker"], body["is_admin"]) == (True, False)
+    assert (body["rate_limit"], body["max_running"]) == (0, None)
+    stored = ApiKey.objects.get(pk=body["id"])
+    assert (stored.is_worker, stored.rate_limit) == (True, 0)
+    worker = api_as(body["key"])
+    assert worker.get("keys/me").json()["is_worker"] is True
+    assert worker.get("generations").status_code == HTTPStatus.FORBIDDEN
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        pytest.param(
+            {"is_worker": True, "rate_limit": 30}, (True, 30, None), id="worker-limited"
+        ),
+        pytest.param({"max_running": 2}, (False, 100, 2), id="client-capped"),
+        pytest.param({"max_running": 1}, (False, 100, 1), id="cap-1"),
+        pytest.param(
+            {"max_running": 2147483647}, (False, 100, 2147483647), id="cap-int-max"
+        ),
+        pytest.param({"max_running": None}, (False, 100, None), id="no-cap"),
+        pytest.param(
+            {"is_admin": True, "max_running": 5}, (False, 100, 5), id="admin-capped"
+        ),
+    ],
+)
+def test_create_with_roles_rate_limit_and_max_running(admin_api, fields, expected):
+    body = admin_api.post("keys", {"name": "k", **fields}).json()
+
+    assert (body["is_worker"], body["rate_limit"], body["max_running"]) == expected
+    stored = ApiKey.objects.get(pk=body["id"])
+    assert (stored.is_worker, stored.rate_limit, stored.max_running) == expected
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        pytest.param(
+            {"is_admin": True, "is_worker": True}, "is_worker", id="two-roles"
+        ),
+        pytest.param({"max_running": 0}, "max_running", id="cap-0"),
+        pytest.param({"max_running": -1}, "max_running", id="cap-negative"),
+        pytest.param({"max_running": 2147483648}, "max_running", id="cap-over-int"),
+        pytest.param({"max_running": "2"}, "max_running", id="cap-string"),
+        pytest.param({"max_running": 2.0}, "max_running", id="cap-float"),
+        pytest.param({"max_running": True}, "max_running", id="cap-bool"),
+        pytest.param({"is_worker": "true"}, "is_worker", id="worker-string"),
+        pytest.param({"is_worker": 1}, "is_worker", id="worker-int"),
+        pytest.param({"is_worker": None}, "is_worker", id="worker-null"),
+    ],
+)
+def test_bad_roles_or_caps_are_400_and_create_nothing(admin_api, fields, field):
+    keys = ApiKey.all_objects.count()
+
+    response = admin_api.post("keys", {"name": "bad", **fields})
+
+    assert response.status_code == HTTPStatus.BAD_REQUEST
+    assert set(response.json()) == {field}, response.json()
+    assert ApiKey.all_objects.count() == keys
+
+
+def test_two_roles_are_refused_with_a_message_naming_the_rule(admin_api):
+    response = admin_api.post(
+        "keys", {"name": "both", "is_admin": True, "is_worker": True}
+    )
+
+    assert response.json() == {
+        "is_worker": ["A key is an admin key or a worker key, not both."]
+    }

@@ -55,9 +55,40 @@ def test_createapikey_options():
 
 
 @pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        pytest.param(["--worker"], (False, True, 0, None), id="worker-unlimited"),
+        pytest.param(
+            ["--worker", "--rate-limit", "600"], (False, True, 600, None), id="worker"
+        ),
+        pytest.param(["--max-running", "2"], (False, False, 100, 2), id="capped"),
+        pytest.param(["--admin"], (True, False, 100, None), id="admin"),
+    ],
+)
+def test_createapikey_roles_and_caps(args, expected):
+    out, err = run("createapikey", "gpu", *args)
+
+    api_key = ApiKey.objects.get(key_hash=hash_key(out.strip()))
+    assert (
+        api_key.is_admin,
+        api_key.is_worker,
+        api_key.rate_limit,
+        api_key.max_running,
+    ) == expected
+    if api_key.is_worker:
+        assert "Created worker API key" in err
+
+
+@pytest.mark.parametrize(
     "args",
     [
         pytest.param(["  "], id="blank-name"),
+        pytest.param(["k", "--admin", "--worker"], id="two-roles"),
+        pytest.param(["k", "--max-running", "0"], id="zero-cap"),
+        pytest.param(["k", "--max-running", "-2"], id="negative-cap"),
+        pytest.param(["k", "--max-running", "2147483648"], id="cap-over-int"),
+        pytest.param(["k", "--max-running", "two"], id="non-numeric-cap"),
+        pytest.param(["k", "--rate-limit", "2147483648"], id="rate-limit-over-int"),
         pytest.param(["x" * 256], id="name-too-long"),
         pytest.param(["k", "--rate-limit", "-1"], id="negative-rate-limit"),
         pytest.param(["k", "--expires-in-days", "0"], id="zero-days"),

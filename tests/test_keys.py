@@ -381,3 +381,51 @@ def test_a_revoked_key_can_never_be_saved_unrevoked(how):
         api_key.save()
 
     assert ApiKey.objects.get(pk=api_key.pk).revoked_at is not None
+
+
+# --- roles ----------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_a_key_with_both_roles_is_refused_before_the_database(
+    django_assert_num_queries,
+):
+    keys = ApiKey.all_objects.count()
+
+    with django_assert_num_queries(0), pytest.raises(ValidationError) as refused:
+        api_key_create(name="both", is_admin=True, is_worker=True)
+
+    assert refused.value.message_dict == {
+        "is_worker": ["A key is an admin key or a worker key, not both."]
+    }
+    assert ApiKey.all_objects.count() == keys
+
+
+@pytest.mark.django_db
+def test_saving_a_key_into_both_roles_is_refused():
+    api_key, _ = make_api_key(name="ops", is_admin=True)
+    api_key.is_worker = True
+
+    with pytest.raises(ValidationError):
+        api_key.save()
+
+    assert ApiKey.objects.get(pk=api_key.pk).is_worker is False
+
+
+@pytest.mark.django_db
+def test_the_database_refuses_both_roles_whatever_writes_them():
+    api_key, _ = make_api_key(name="ops", is_admin=True)
+
+    with pytest.raises(IntegrityError, match="api_keys_one_role"), transaction.atomic():
+        ApiKey.objects.filter(pk=api_key.pk).update(is_worker=True)
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("is_worker", "rate_limit"), [(True, 0), (False, 100)], ids=["worker", "client"]
+)
+def test_the_rate_limit_left_out_is_the_roles_default(is_worker, rate_limit):
+    api_key, _ = api_key_create(name="k", is_worker=is_worker)
+
+    assert api_key.rate_limit == rate_limit
+    assert ApiKey.objects.get(pk=api_key.pk).rate_limit == rate_limit

@@ -177,6 +177,45 @@ def test_every_documented_operation_answers_a_documented_status(
             )
 
 
+WORKER_OPERATIONS = {
+    "/api/v1/generations/claim/",
+    "/api/v1/generations/{id}/heartbeat/",
+    "/api/v1/generations/{id}/complete/",
+    "/api/v1/generations/{id}/fail/",
+}
+
+
+def test_every_operation_documents_the_role_it_needs(schema):
+    for path, method, operation in operations(schema):
+        where = f"{method.upper()} {path}"
+        forbidden = operation["responses"].get("403", {}).get("description")
+        if path == "/api/v1/keys/me/":
+            assert forbidden is None, where  # any key
+        elif path in WORKER_OPERATIONS:
+            assert forbidden == "Needs a worker or admin key.", where
+        elif path.startswith("/api/v1/keys/"):
+            assert forbidden == "Needs an admin key.", where
+        else:
+            assert forbidden.startswith("Worker keys may not use this endpoint"), where
+
+
+def test_a_worker_key_gets_a_documented_status_everywhere(
+    schema, worker_api, documented_targets
+):
+    for path, method, operation in operations(schema):
+        url, token = documented_targets(path)
+        response = worker_api.request(
+            method.upper(), url, body_for(operation["operationId"], token)
+        )
+        assert str(response.status_code) in operation["responses"], (method, url)
+        expected_refusal = path not in WORKER_OPERATIONS | {"/api/v1/keys/me/"}
+        assert (response.status_code == HTTPStatus.FORBIDDEN) is expected_refusal, (
+            method,
+            url,
+            response.content,
+        )
+
+
 def test_schema_is_served_as_yaml_and_json(client):
     as_yaml = client.get("/api/schema")
     as_json = client.get("/api/schema/?format=json")

@@ -179,6 +179,7 @@ GOOD_API_KEY = {
     "name": "'k'",
     "key_hash": "repeat('a', 64)",
     "key_prefix": "'lk_abcdefgh'",
+    "is_admin": "true",
 }
 
 BAD_GENERATIONS = [
@@ -208,6 +209,7 @@ BAD_API_KEYS = [
     ("rate_limit", "-1", "api_keys_rate_limit_gte_0"),
     ("max_running", "0", "api_keys_max_running_gte_1"),
     ("key_prefix", "'xx_abcdefgh'", "api_keys_key_prefix_format"),
+    ("is_worker", "true", "api_keys_one_role"),  # the good row is an admin key
 ]
 
 
@@ -277,3 +279,16 @@ def test_check_constraint_refuses_a_bad_row_written_with_raw_sql(
 )
 def test_check_constraints_accept_the_boundaries(column, value):
     insert("generations", {**GOOD_GENERATION, column: value})
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        pytest.param({"is_worker": "true", "is_admin": "false"}, id="worker"),
+        pytest.param({"max_running": "1"}, id="max_running=1"),
+        pytest.param({"max_running": "2147483647"}, id="max_running=int-max"),
+        pytest.param({"max_running": "NULL"}, id="max_running=null"),
+    ],
+)
+def test_api_key_check_constraints_accept_the_boundaries(row):
+    insert("api_keys", {**GOOD_API_KEY, **row})

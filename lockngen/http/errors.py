@@ -13,6 +13,7 @@ from django.conf import settings
 from django.core.exceptions import RequestDataTooBig, SuspiciousOperation
 from django.db import DataError, InterfaceError, OperationalError
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from rest_framework import exceptions
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 from rest_framework.views import set_rollback
@@ -53,6 +54,8 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> HttpRespon
         return Response({"detail": "Bad request."}, status=HTTPStatus.BAD_REQUEST)
     response = drf_exception_handler(exc, context)
     if response is not None:
+        if isinstance(exc, exceptions.PermissionDenied):
+            role_code(exc, response)
         return response
     set_rollback()
     request = context.get("request")
@@ -67,6 +70,14 @@ def api_exception_handler(exc: Exception, context: dict[str, Any]) -> HttpRespon
     if settings.DEBUG:
         body["exception"] = f"{type(exc).__name__}: {exc}"
     return Response(body, status=HTTPStatus.INTERNAL_SERVER_ERROR)
+
+
+def role_code(exc: exceptions.PermissionDenied, response: Response) -> None:
+    """A permission class's ``code`` (the role it needs, apikeys.permissions)
+    goes into the 403 body beside ``detail``, for clients to act on."""
+    code = exc.get_codes()
+    if isinstance(code, str) and code != exceptions.PermissionDenied.default_code:
+        response.data["code"] = code
 
 
 def not_found(request: HttpRequest, *args: Any, **kwargs: Any) -> JsonResponse:

@@ -53,6 +53,13 @@ AUTH_ERRORS = {
         "The database is unavailable; see Retry-After."
     ),
 }
+# The 403 of each role an endpoint may need (apikeys.permissions).
+CLIENT_ONLY = "Worker keys may not use this endpoint: it needs a client or admin key."
+CLIENT_ERRORS = {**AUTH_ERRORS, HTTPStatus.FORBIDDEN: error(CLIENT_ONLY)}
+WORKER_ERRORS = {
+    **AUTH_ERRORS,
+    HTTPStatus.FORBIDDEN: error("Needs a worker or admin key."),
+}
 ADMIN_ERRORS = {**AUTH_ERRORS, HTTPStatus.FORBIDDEN: error("Needs an admin key.")}
 UNSUPPORTED_MEDIA_TYPE = {
     HTTPStatus.UNSUPPORTED_MEDIA_TYPE: error(

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from http import HTTPStatus
-from typing import Any
+from typing import Any, ClassVar
 
 from django.db.models import QuerySet
 from django.http import HttpResponse
 from rest_framework import exceptions
 from rest_framework.negotiation import BaseContentNegotiation
+from rest_framework.permissions import BasePermission
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.throttling import BaseThrottle
@@ -45,6 +47,12 @@ class ApiViewSet(ViewSet):
     authentication rather than after permissions, as DRF would, so refused
     requests count against a key's limit too; a throttle with a ``headers()``
     method adds those headers to the response (``X-RateLimit-*``).
+
+    Roles are declared, never decided in a view's code: a view opens an
+    action to another role by naming it in ``permission_classes_by_action``;
+    its other actions, and methods it does not allow, keep
+    ``permission_classes``. Permissions run before the handler, so a key
+    without the role gets its 403 before any row is looked up.
     """
 
     content_negotiation_class = JsonOnlyNegotiation
@@ -56,6 +64,15 @@ class ApiViewSet(ViewSet):
     lookup_field = "id"
     # Any segment reaches the view, so a malformed id is a 400, not a 404.
     lookup_value_regex = "[^/]+"
+    permission_classes_by_action: ClassVar[
+        Mapping[str, Sequence[type[BasePermission]]]
+    ] = {}
+
+    def get_permissions(self) -> list[BasePermission]:
+        classes = self.permission_classes_by_action.get(
+            self.action, self.permission_classes
+        )
+        return [permission() for permission in classes]
 
     def perform_authentication(self, request: Request) -> None:
         request.auth  # noqa: B018 -- authenticates (one query)
