@@ -318,5 +318,8 @@ LOGGING = {
         "axes": {"level": "WARNING"},
         # "Adding tasks from blueprint" on every manage.py run.
         "procrastinate.blueprints": {"level": "WARNING"},
+        # One INFO line per request with its URL: a webhook URL may carry the
+        # receiver's own token. Our delivery log names the delivery instead.
+        "httpx": {"level": "WARNING"},
     },
 }
