@@ -3,7 +3,8 @@
 It records every request (headers and raw body) and answers from a script:
 ``Receiver(statuses=[500, 500, 200])`` answers 500, 500, then 200 for every
 later request. ``stop()`` closes the port (a receiver that is down);
-``start()`` opens the same port again.
+``start()`` opens the same port again. Status ``HANG`` holds the request
+unanswered until ``release()`` (a receiver stuck mid-request).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from tests.serving import free_port
+
+HANG = 0
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,7 @@ class Receiver:
         self.received: list[Received] = []
         self._lock = threading.Lock()
         self._server: http.server.ThreadingHTTPServer | None = None
+        self._released = threading.Event()
 
     @property
     def url(self) -> str:
@@ -51,6 +55,9 @@ class Receiver:
                 status = receiver._status()
                 with receiver._lock:
                     receiver.received.append(Received(self.path, headers, body))
+                if status == HANG:
+                    receiver._released.wait(60)
+                    status = 200
                 self.send_response(status)
                 if 300 <= status < 400:
                     self.send_header("location", receiver.url + "/moved")
@@ -67,7 +74,11 @@ class Receiver:
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self
 
+    def release(self) -> None:
+        self._released.set()
+
     def stop(self) -> None:
+        self.release()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
