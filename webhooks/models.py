@@ -72,7 +72,8 @@ class WebhookDelivery(models.Model):
         indexes = [
             # GET /generations/{id}/deliveries, in order.
             models.Index(
-                fields=["generation", "created_at"], name="webhook_deliv_generation"
+                fields=["generation", "created_at", "id"],
+                name="webhook_deliv_generation",
             ),
             # The pending gauges: count and oldest age.
             models.Index(
