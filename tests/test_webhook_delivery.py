@@ -5,7 +5,11 @@ send time. The worker itself runs in tests/test_webhook_worker.py."""
 from __future__ import annotations
 
 import logging
+import os
 import socket
+import subprocess
+import sys
+import time
 from datetime import timedelta
 
 import pytest
@@ -15,6 +19,7 @@ from django.db.models.functions import Now
 from generations.api import generation_json
 from tests.factories import make_api_key, make_generation
 from tests.receiver import Receiver
+from tests.serving import BASE_DIR, free_port
 from tests.webhooks import payload, verifies
 from webhooks import services
 from webhooks.models import DeliveryState, WebhookDelivery, WebhookSecret
@@ -358,3 +363,53 @@ def test_secrets_never_reach_the_logs(key, receiver, caplog):
     for secret in (first.current, second.current):
         assert secret not in text
         assert secret.removeprefix("whsec_") not in text
+
+
+# --- The README's receiver ------------------------------------------------------
+
+
+def readme_receiver() -> str:
+    text = (BASE_DIR / "README.md").read_text()
+    section = text.split("### Receiving webhooks", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readme_receiver_verifies_a_delivery_and_refuses_a_forgery(
+    key, settings, tmp_path
+):
+    settings.WEBHOOK_RETRY_SCHEDULE = [60.0]
+    port = free_port()
+    script = tmp_path / "receiver.py"
+    script.write_text(readme_receiver().replace("9000", str(port)))
+    secret = services.webhook_secret_get(api_key=key).current
+    process = subprocess.Popen(  # noqa: S603
+        [sys.executable, str(script)],
+        env={**os.environ, "LOCKNGEN_WEBHOOK_SECRET": secret, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert time.monotonic() < deadline, "the README receiver did not start"
+            time.sleep(0.05)
+        url = f"http://127.0.0.1:{port}/hooks"
+        generation = make_generation(api_key=key)
+        row = emitted(generation, url=url)
+        assert services.delivery_attempt(delivery_id=row.pk).state == "delivered"
+        assert services.delivery_attempt(delivery_id=row.pk) is None
+
+        services.webhook_secret_rotate(api_key=key)  # the receiver's secret ...
+        WebhookSecret.objects.filter(api_key=key).update(previous="")  # ... retired
+        forged = emitted(generation, url=url)
+        result = services.delivery_attempt(delivery_id=forged.pk)
+        forged.refresh_from_db()
+        assert (result.state, forged.last_status) == ("pending", "401")
+    finally:
+        process.terminate()
+        output, _ = process.communicate(timeout=10)
+    assert f"generation.completed {generation.pk} queued None" in output
