@@ -307,6 +307,7 @@ LOGGING = {
     "filters": {
         "health_warnings": {"()": "lockngen.health.DropDegradedTracebacks"},
         "request_id": {"()": "lockngen.requestid.RequestIDLogFilter"},
+        "quiet_retries": {"()": "webhooks.retry.QuietRetries"},
     },
     "loggers": {
         "django.db.backends": {"level": "INFO"},
@@ -318,6 +319,8 @@ LOGGING = {
         "axes": {"level": "WARNING"},
         # "Adding tasks from blueprint" on every manage.py run.
         "procrastinate.blueprints": {"level": "WARNING"},
+        # A scheduled webhook retry is one line, not a traceback.
+        "procrastinate.worker": {"filters": ["quiet_retries"]},
         # One INFO line per request with its URL: a webhook URL may carry the
         # receiver's own token. Our delivery log names the delivery instead.
         "httpx": {"level": "WARNING"},

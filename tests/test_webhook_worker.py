@@ -15,13 +15,15 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 from django.db import connection, transaction
 
 from generations.api import generation_json
 from tests.factories import make_api_key, make_generation
+from tests.liveserver import migrate
 from tests.receiver import HANG, Receiver
-from tests.serving import BASE_DIR, VENV_BIN, process_env
+from tests.serving import BASE_DIR, VENV_BIN, manage, process_env, scratch_database
 from tests.webhooks import payload, verifies
 from webhooks import services
 from webhooks.models import WebhookDelivery
@@ -198,10 +200,13 @@ def test_500_500_200_is_three_attempts_with_one_webhook_id(
     key, start_worker, receivers
 ):
     receiver = receivers(500, 500, 200)
-    start_worker(schedule="0.2,0.2")
+    worker = start_worker(schedule="0.2,0.2")
     row = emit(make_generation(api_key=key), receiver.url)
 
     row = settled(row, "delivered")
+    # A scheduled retry is one log line, not a traceback.
+    assert worker.log().count("to retry") == 2
+    assert "Traceback" not in worker.log()
 
     got = receiver.wait_for(3)
     assert len(got) == 3
@@ -329,3 +334,83 @@ def test_deliver_webhooks_refuses_to_start_on_the_sqlite_fallback():
     assert result.returncode != 0
     assert "DATABASE_URL" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# --- PostgreSQL restarted with deliveries pending (a throwaway cluster) --------
+
+EMIT_ON_CLUSTER = """
+from django.db import transaction
+from tests.factories import make_api_key, make_generation
+from webhooks.services import emit
+key, _ = make_api_key(name="restart", rate_limit=0)
+for _ in range({count}):
+    generation = make_generation(api_key=key)
+    with transaction.atomic():
+        print(emit(generation, "generation.completed", url="{url}").pk)
+"""
+
+
+def cluster_rows(url: str) -> list[tuple[str, str, int]]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        return [
+            (str(pk), state, attempts)
+            for pk, state, attempts in conn.execute(
+                "SELECT id, state, attempts FROM webhook_deliveries"
+            )
+        ]
+
+
+@pytest.mark.postgres_cluster
+def test_deliveries_pending_across_a_postgres_restart_are_all_delivered(
+    pg_cluster, receivers, tmp_path
+):
+    count = 10
+    receiver = receivers()
+    receiver.stop()  # down: every first attempt fails and is rescheduled
+    with scratch_database("webhooks", server=pg_cluster.url()) as name:
+        url = pg_cluster.url(name)
+        try:
+            migrate(url)
+            worker = Worker(url, tmp_path / "worker.log", "0.5," * 40 + "0.5", 30)
+            worker.start()
+            done = manage(
+                "shell",
+                "-c",
+                EMIT_ON_CLUSTER.format(count=count, url=receiver.url),
+                env=worker.env,
+            )
+            assert done.returncode == 0, done.stderr
+            emitted = set(done.stdout.split()[-count:])
+            wait_until(
+                lambda: all(a >= 1 for _, _, a in cluster_rows(url)),
+                "every delivery's first (failed) attempt",
+            )
+
+            pg_cluster.stop("fast")
+            time.sleep(1)  # an outage, not a measurement
+            pg_cluster.start()
+            receiver.start()
+
+            wait_until(
+                lambda: {s for _, s, _ in cluster_rows(url)} == {"delivered"},
+                "every delivery to arrive after the restart",
+            )
+            assert {pk for pk, _, _ in cluster_rows(url)} == emitted
+            ids = {r.headers["webhook-id"] for r in receiver.wait_for(count)}
+            assert ids == emitted
+            assert worker.process.poll() is None, worker.log()
+            worker.stop()
+        finally:
+            pg_cluster.start()
+
+
+def wait_until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        try:
+            if condition():
+                return
+        except psycopg.OperationalError:
+            pass  # the cluster is restarting
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)

@@ -8,26 +8,21 @@ retry strategy hands that time to procrastinate.
 
 from __future__ import annotations
 
-from datetime import datetime
-
 from procrastinate import BaseRetryStrategy, RetryDecision
 from procrastinate.contrib.django import app
 from procrastinate.jobs import Job
 
 from webhooks import services
 from webhooks.models import DeliveryState
+from webhooks.retry import RetryAt
 
 QUEUE = "webhooks"
 # An unexpected error (the database unreachable while recording, a bug) is
-# retried too, so a committed event is not dropped: backoff doubling from
-# 5 s to 10 min, then the job fails (its delivery stays pending and visible).
-UNEXPECTED_RETRIES = 20
-
-
-class RetryAt(Exception):  # noqa: N818 - a signal to the retry strategy, not an error
-    def __init__(self, when: datetime) -> None:
-        self.when = when
-        super().__init__(f"next attempt at {when.isoformat()}")
+# retried too, so a committed event is not dropped: every few seconds, until
+# the job has run this many times in all (its delivery then stays pending,
+# visible in the gauges and the admin, and can be redelivered).
+UNEXPECTED_RETRY_SECONDS = 5
+MAX_JOB_RUNS = 50
 
 
 class DeliveryRetry(BaseRetryStrategy):
@@ -36,8 +31,8 @@ class DeliveryRetry(BaseRetryStrategy):
     ) -> RetryDecision | None:
         if isinstance(exception, RetryAt):
             return RetryDecision(retry_at=exception.when)
-        if job.attempts < UNEXPECTED_RETRIES:
-            return RetryDecision(retry_in={"seconds": min(5 * 2**job.attempts, 600)})
+        if job.attempts < MAX_JOB_RUNS:
+            return RetryDecision(retry_in={"seconds": UNEXPECTED_RETRY_SECONDS})
         return None
 
 
