@@ -10,6 +10,7 @@ unanswered until ``release()`` (a receiver stuck mid-request).
 from __future__ import annotations
 
 import http.server
+import ssl
 import threading
 import time
 from collections.abc import Iterable
@@ -28,8 +29,15 @@ class Received:
 
 
 class Receiver:
-    def __init__(self, statuses: Iterable[int] = (200,), port: int | None = None):
+    def __init__(
+        self,
+        statuses: Iterable[int] = (200,),
+        port: int | None = None,
+        tls: ssl.SSLContext | None = None,
+    ):
         self.statuses = list(statuses)
+        self.tls = tls
+        self.server_names: list[str | None] = []  # SNI of each TLS handshake
         self.port = port or free_port()
         self.received: list[Received] = []
         self._lock = threading.Lock()
@@ -38,7 +46,8 @@ class Receiver:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hooks/lockngen"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.port}/hooks/lockngen"
 
     def _status(self) -> int:
         with self._lock:
@@ -71,6 +80,15 @@ class Receiver:
             ("127.0.0.1", self.port), Handler
         )
         self._server.daemon_threads = True
+        if self.tls is not None:
+
+            def record_sni(sock: ssl.SSLObject, name: str | None, context: object):
+                self.server_names.append(name)
+
+            self.tls.sni_callback = record_sni
+            self._server.socket = self.tls.wrap_socket(
+                self._server.socket, server_side=True
+            )
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self
 
