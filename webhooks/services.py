@@ -294,3 +294,40 @@ def delivery_redeliver(*, delivery: WebhookDelivery) -> WebhookDelivery:
     _queue(delivery.pk, redelivery=True)
     delivery.refresh_from_db()
     return delivery
+
+
+# --- Retention (manage.py purge_deleted) ---------------------------------------
+
+
+def deliveries_prune(*, older_than: timedelta, batch_size: int) -> int:
+    """Delete finished deliveries (delivered, failed, gone) created more than
+    ``older_than`` ago, batch by batch; pending ones stay. Returns the count."""
+    finished = WebhookDelivery.objects.exclude(state=DeliveryState.PENDING).filter(
+        created_at__lt=Now() - older_than
+    )
+    pruned = 0
+    while True:
+        batch = list(finished.order_by("pk").values_list("pk", flat=True)[:batch_size])
+        if not batch:
+            return pruned
+        count, _ = WebhookDelivery.objects.filter(pk__in=batch).delete()
+        pruned += count
+
+
+def finished_jobs_prune(*, older_than: timedelta) -> None:
+    """Delete procrastinate's finished delivery jobs (succeeded, failed,
+    cancelled, aborted) whose last event is older than ``older_than``."""
+    if not webhooks_available():
+        return
+    from asgiref.sync import async_to_sync
+    from procrastinate.contrib.django import app
+
+    from webhooks.tasks import QUEUE
+
+    async_to_sync(app.job_manager.delete_old_jobs)(
+        nb_hours=max(int(older_than.total_seconds() // 3600), 0),
+        queue=QUEUE,
+        include_failed=True,
+        include_cancelled=True,
+        include_aborted=True,
+    )
