@@ -414,3 +414,15 @@ def wait_until(condition: Callable[[], bool], what: str) -> None:
             pass  # the cluster is restarting
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.1)
+
+
+@pytest.mark.parametrize(
+    ("database", "code"), [("postgres", 0), ("sqlite", 1)], ids=["postgres", "sqlite"]
+)
+def test_deliver_webhooks_check_says_whether_webhooks_can_run(
+    test_database_url, database, code
+):
+    url = test_database_url if database == "postgres" else None
+    env = process_env(DATABASE_URL=url, LOCKNGEN_ENV="development")
+    done = manage("deliver_webhooks", "--check", env=env)
+    assert done.returncode == code, done.stderr

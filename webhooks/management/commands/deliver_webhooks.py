@@ -32,6 +32,11 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
+            "--check",
+            action="store_true",
+            help="Exit 0 if webhooks can run here (PostgreSQL), else 1; start nothing.",
+        )
+        parser.add_argument(
             "--concurrency",
             type=int,
             default=10,
@@ -61,6 +66,8 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         if not webhooks_available():
             raise CommandError(UNAVAILABLE)
+        if options["check"]:
+            return
         if options["concurrency"] < 1 or options["stalled_after"] <= 0:
             raise CommandError("--concurrency and --stalled-after must be positive")
         from procrastinate.contrib.django import app
