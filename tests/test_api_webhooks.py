@@ -28,6 +28,7 @@ DELIVERY_FIELDS = {
 }
 
 
+@pytest.mark.sqlite_smoke
 def test_the_secret_is_created_on_first_use_and_kept(owner_api, other_api):
     first = owner_api.get("webhooks/secret")
     assert first.status_code == HTTPStatus.OK

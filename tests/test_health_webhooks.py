@@ -122,6 +122,7 @@ def test_the_report_carries_the_gauges_and_names_the_degradation(client, key):
     assert "\nlockngen_webhooks_pending 1" in text
 
 
+@pytest.mark.sqlite_smoke
 def test_the_sqlite_fallback_reports_webhooks_unavailable(settings):
     settings.DATABASE_FALLBACK = True
     _, warning = gauges()

@@ -116,6 +116,16 @@ def test_allow_private_lets_loopback_through():
     assert [str(a) for a in target.addresses] == ["127.0.0.1"]
 
 
+@pytest.mark.parametrize(
+    "host", ["2130706433", "0x7f.1", "017700000001", "localhost"], ids=str
+)
+def test_other_spellings_of_loopback_are_refused_by_the_system_resolver(host):
+    # No DNS involved: the C library reads these forms as 127.0.0.1 (and
+    # /etc/hosts has localhost), and the guard judges what it resolved.
+    with pytest.raises(guard.UnsafeURL, match="loopback"):
+        guard.resolve(f"https://{host}/x", require_https=True, allow_private=False)
+
+
 def test_a_name_that_does_not_resolve_is_refused():
     with pytest.raises(guard.UnsafeURL, match="does not resolve"):
         guard.resolve(
@@ -212,6 +222,7 @@ def test_create_accepts_a_public_https_webhook_in_production(production):
     assert shape.is_valid(), shape.errors
 
 
+@pytest.mark.sqlite_smoke
 def test_on_the_sqlite_fallback_a_webhook_is_refused_naming_database_url(settings):
     settings.DATABASE_FALLBACK = True
     shape = CreateShape(data={"webhook": "http://127.0.0.1:9/h"})
