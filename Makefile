@@ -31,7 +31,17 @@ run: $(VENV)/.runtime
 	@echo "  Health    http://127.0.0.1:$(PORT)/health/"
 	@$(PY) manage.py seed_dev_key --print | tail -n 1
 	@echo ""
-	$(PY) manage.py runserver 127.0.0.1:$(PORT)
+	@# On PostgreSQL (DATABASE_URL, from the environment or .env) a webhook
+	@# delivery worker runs beside the server and stops with it.
+	@if $(PY) manage.py deliver_webhooks --check >/dev/null 2>&1; then \
+	  echo "  Webhooks  delivery worker started (manage.py deliver_webhooks)"; \
+	  $(PY) manage.py deliver_webhooks & worker=$$!; \
+	  trap 'kill $$worker 2>/dev/null; wait $$worker 2>/dev/null' EXIT; \
+	  $(PY) manage.py runserver 127.0.0.1:$(PORT); \
+	else \
+	  echo "  Webhooks  unavailable on the SQLite fallback (set DATABASE_URL)"; \
+	  $(PY) manage.py runserver 127.0.0.1:$(PORT); \
+	fi
 
 test: $(VENV)/.dev
 	@DATABASE_URL='$(TEST_DATABASE_URL)' DB_CONNECT_RETRIES=0 $(PY) manage.py wait_for_db --timeout 3 >/dev/null 2>$(VENV)/.pgcheck || { \

@@ -49,7 +49,8 @@ def refill(jobs: int) -> None:
     from django.db import connection
 
     with connection.cursor() as cursor:
-        cursor.execute("TRUNCATE generations")
+        # With their webhook deliveries (a foreign key to generations).
+        cursor.execute("TRUNCATE generations, webhook_deliveries")
         cursor.execute(QUEUE_SQL, {"jobs": jobs})
         cursor.execute("ANALYZE generations")
 

@@ -47,3 +47,20 @@ def env_bool(env: Mapping[str, str], name: str, default: bool = False) -> bool:
 def env_list(env: Mapping[str, str], name: str, default: str = "") -> list[str]:
     """A comma-separated list, blanks dropped."""
     return [item.strip() for item in env.get(name, default).split(",") if item.strip()]
+
+
+def env_seconds_list(env: Mapping[str, str], name: str, default: str) -> list[float]:
+    """A comma-separated list of non-negative durations in seconds."""
+    raw = env.get(name, "").strip() or default
+    values: list[float] = []
+    for item in raw.split(","):
+        try:
+            value = float(item)
+        except ValueError:
+            raise ConfigError(
+                f"{name} must be a comma list of seconds, got {raw!r}"
+            ) from None
+        if not 0 <= value < float("inf"):
+            raise ConfigError(f"{name} must hold seconds >= 0, got {item.strip()!r}")
+        values.append(value)
+    return values

@@ -14,7 +14,7 @@ from dotenv import load_dotenv
 
 from lockngen.client_address import DEFAULT_TRUSTED_PROXIES, parse_networks
 from lockngen.database import database_config
-from lockngen.env import ConfigError, env_bool, env_int, env_list
+from lockngen.env import ConfigError, env_bool, env_int, env_list, env_seconds_list
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 load_dotenv(BASE_DIR / ".env", override=False)
@@ -68,6 +68,7 @@ INSTALLED_APPS = [
     "lockngen",
     "apikeys",
     "generations",
+    "webhooks",
 ]
 if not PRODUCTION:
     # Test-only: tests/test_migrations.py installs tests.migration_app in its
@@ -121,6 +122,15 @@ DATABASES = {
 }
 DATABASE_FALLBACK = DATABASES["default"]["FALLBACK"]
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# procrastinate (the webhook delivery engine, SPEC §10) keeps its queue in
+# PostgreSQL functions and triggers: its migrations are PostgreSQL SQL, so its
+# app is installed only on PostgreSQL. On the SQLite fallback webhooks are
+# unavailable (webhooks.services.webhooks_available).
+if not DATABASE_FALLBACK:
+    INSTALLED_APPS.insert(
+        INSTALLED_APPS.index("webhooks"), "procrastinate.contrib.django"
+    )
 
 # --- Cache, Redis and rate limits (SPEC §12) ---------------------------------
 
@@ -217,6 +227,15 @@ if PRODUCTION:
 LEASE_SECONDS = env_int(env, "LEASE_SECONDS", 300, minimum=1)
 MAX_ATTEMPTS = env_int(env, "MAX_ATTEMPTS", 3, minimum=1)
 
+# Webhooks (SPEC §10). Private targets are refused in production unless
+# WEBHOOK_ALLOW_PRIVATE=1; development allows them (a receiver on localhost).
+WEBHOOK_ALLOW_PRIVATE = env_bool(env, "WEBHOOK_ALLOW_PRIVATE", default=not PRODUCTION)
+# Seconds before each retry (Svix's schedule); its length + 1 = attempts.
+WEBHOOK_RETRY_SCHEDULE = env_seconds_list(
+    env, "WEBHOOK_RETRY_SCHEDULE", "5,300,1800,7200,18000,36000,36000"
+)
+WEBHOOK_TIMEOUT = env_int(env, "WEBHOOK_TIMEOUT", 15, minimum=1)
+
 # Empty: the documented default key (apikeys.keys.DEFAULT_DEV_API_KEY). The
 # apikeys app checks the format when Django starts (apikeys.apps).
 LOCKNGEN_DEV_API_KEY = env.get("LOCKNGEN_DEV_API_KEY", "").strip()
@@ -290,6 +309,7 @@ LOGGING = {
     "filters": {
         "health_warnings": {"()": "lockngen.health.DropDegradedTracebacks"},
         "request_id": {"()": "lockngen.requestid.RequestIDLogFilter"},
+        "quiet_retries": {"()": "webhooks.retry.QuietRetries"},
     },
     "loggers": {
         "django.db.backends": {"level": "INFO"},
@@ -299,5 +319,12 @@ LOGGING = {
         # Failed logins and lockouts are warnings; the start-up banner and
         # per-login housekeeping lines (INFO) would reach every manage.py run.
         "axes": {"level": "WARNING"},
+        # "Adding tasks from blueprint" on every manage.py run.
+        "procrastinate.blueprints": {"level": "WARNING"},
+        # A scheduled webhook retry is one line, not a traceback.
+        "procrastinate.worker": {"filters": ["quiet_retries"]},
+        # One INFO line per request with its URL: a webhook URL may carry the
+        # receiver's own token. Our delivery log names the delivery instead.
+        "httpx": {"level": "WARNING"},
     },
 }

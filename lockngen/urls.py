@@ -8,6 +8,7 @@ from generations.api import GenerationViewSet
 from lockngen.health import HealthView
 from lockngen.http.errors import not_found
 from lockngen.http.routers import OptionalSlashRouter
+from webhooks.api import WebhookDeliveryViewSet, WebhookSecretViewSet
 
 # /health/ (SPEC §6); /health/live and /health/ready are answered by
 # lockngen.probes.HealthProbeMiddleware before routing.
@@ -16,6 +17,7 @@ health_checks = [
     "lockngen.health.Database",
     "lockngen.health.Migrations",
     "generations.health.QueueGauges",
+    "webhooks.health.DeliveryGauges",
     "lockngen.health.DatabaseBackend",
     "lockngen.health.RateLimitCache",
 ]
@@ -26,6 +28,12 @@ if settings.DATABASES["default"].get("OPTIONS", {}).get("pool"):
 api_v1 = OptionalSlashRouter()
 api_v1.register("generations", GenerationViewSet, basename="generation")
 api_v1.register("keys", ApiKeyViewSet, basename="apikey")
+api_v1.register("webhooks", WebhookSecretViewSet, basename="webhook-secret")
+api_v1.register(
+    r"generations/(?P<generation_id>[^/]+)/deliveries",
+    WebhookDeliveryViewSet,
+    basename="webhook-delivery",
+)
 
 urlpatterns = [
     path("api/v1/", include(api_v1.urls)),

@@ -115,8 +115,23 @@ def test_api_environment_yields_a_postgres_configuration_on_the_services():
 
 
 def test_base_services_start_without_a_profile():
-    for name in ("postgres", "redis", "api"):
+    for name in ("postgres", "redis", "api", "webhooks"):
         assert "profiles" not in SERVICES[name], name
+
+
+def test_the_webhook_worker_runs_deliver_webhooks_on_a_direct_connection():
+    webhooks = SERVICES["webhooks"]
+    assert webhooks["image"] == SERVICES["api"]["image"]
+    assert webhooks["command"] == ["python", "manage.py", "deliver_webhooks"]
+    env = environment("webhooks")
+    db = database_config(env, production=False, base_dir=BASE_DIR)
+    # It LISTENs: PostgreSQL itself, never PgBouncer.
+    assert (db["HOST"], db["PORT"], db.get("PGBOUNCER")) == ("postgres", 5432, False)
+    assert env["MIGRATE_ON_START"] == "0"  # `api` is the one that migrates
+    assert webhooks["depends_on"]["api"] == {"condition": "service_healthy"}
+    assert "ports" not in webhooks
+    # Not one of nginx's upstreams.
+    assert "lockngen-api" not in str(webhooks.get("networks", ""))
 
 
 def test_scale_profile_runs_pgbouncer_in_transaction_mode_in_front_of_postgres():

@@ -231,10 +231,12 @@ def test_migration_script_applied_twice_equals_migrate(
     (path := tmp_path / "script.sql").write_text(script)
 
     assert schema_dump(url) == schema_before  # rehearsed elsewhere
+    # Each migration's header, "-- app.0001_name" (procrastinate's SQL carries
+    # comment lines of its own, URLs among them).
     scripted = [
         line.removeprefix("-- ")
         for line in script.splitlines()
-        if line.startswith("-- ") and "." in line and " " not in line[3:]
+        if re.fullmatch(r"-- \w+\.\d{4}_\w+", line)
     ]
     if pending is not None:
         assert scripted == pending

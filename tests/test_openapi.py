@@ -10,10 +10,12 @@ import pytest
 import yaml
 from django.contrib.staticfiles import finders
 from django.core.management import call_command
+from django.db import transaction
 from openapi_spec_validator import validate
 
 from generations.models import Generation, Status
 from tests.factories import make_api_key, make_generation
+from webhooks.services import emit
 
 BODIES = {
     "generations_create": {"prompt": "documented"},
@@ -35,6 +37,10 @@ EXPECTED_PATHS = {
     "/api/v1/keys/{id}/",
     "/api/v1/keys/{id}/revoke/",
     "/api/v1/keys/me/",
+    "/api/v1/webhooks/secret/",
+    "/api/v1/webhooks/secret/rotate/",
+    "/api/v1/generations/{generation_id}/deliveries/",
+    "/api/v1/generations/{generation_id}/deliveries/{id}/redeliver/",
 }
 
 
@@ -62,7 +68,7 @@ def test_schema_is_valid_openapi_3(schema):
 def test_schema_documents_every_endpoint_of_the_table(schema):
     assert set(schema["paths"]) == EXPECTED_PATHS
     methods = {(path, method) for path, method, _ in operations(schema)}
-    assert len(methods) == 16  # 10 generation + 6 key operations
+    assert len(methods) == 20  # 10 generation + 6 key + 4 webhook operations
 
 
 def test_schema_documents_both_key_headers_and_the_errors(schema):
@@ -141,6 +147,12 @@ def documented_targets(owner_key):
         if path.startswith("/api/v1/keys/{id}"):
             return path.format(id=make_api_key(name="target")[0].pk), None
         generation = make_generation(api_key=owner_key[0])
+        if "{generation_id}" in path:
+            with transaction.atomic():
+                delivery = emit(
+                    generation, "generation.start", url="http://127.0.0.1:9/h"
+                )
+            return path.format(generation_id=generation.pk, id=delivery.pk), None
         if any(verb in path for verb in ("heartbeat", "complete", "fail")):
             Generation.objects.filter(pk=generation.pk).transition(
                 Status.RUNNING, lease_seconds=60

@@ -3,7 +3,9 @@
 Generations go first: ``generations.api_key`` is PROTECT, so a key can only go
 once no generation (deleted or not) points at it; keys still referenced stay.
 Each batch is its own short transaction, so a large purge never holds locks
-for long and can be interrupted and resumed.
+for long and can be interrupted and resumed. Webhook deliveries that are
+finished (delivered, failed, gone) and older than the cut-off go too, and so
+do procrastinate's finished delivery jobs (webhooks.services).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from django.db.models.functions import Now
 from apikeys.models import ApiKey
 from generations.models import Generation
 from lockngen.management.arguments import non_negative, positive
+from webhooks.services import deliveries_prune, finished_jobs_prune
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +50,8 @@ def purge(candidates: QuerySet, *, batch_size: int) -> int:
 class Command(BaseCommand):
     help = (
         "Hard-delete soft-deleted generations and API keys deleted more than "
-        "--older-than-days days ago, in batches (keys still referenced stay)."
+        "--older-than-days days ago, in batches (keys still referenced stay), "
+        "and finished webhook deliveries and delivery jobs older than that."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -68,7 +72,8 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         # The database clock decides, as it wrote deleted_at.
-        cutoff = Now() - timedelta(days=options["older_than_days"])
+        age = timedelta(days=options["older_than_days"])
+        cutoff = Now() - age
         batch_size = options["batch_size"]
 
         generations = purge(
@@ -79,11 +84,19 @@ class Command(BaseCommand):
         referenced = Generation.all_objects.filter(api_key=OuterRef("pk"))
         keys = purge(old_keys.filter(~Exists(referenced)), batch_size=batch_size)
         kept = old_keys.filter(Exists(referenced)).count()
+        deliveries = deliveries_prune(older_than=age, batch_size=batch_size)
+        finished_jobs_prune(older_than=age)
 
-        logger.info("purged %d generations and %d API keys", generations, keys)
+        logger.info(
+            "purged %d generations, %d API keys and %d webhook deliveries",
+            generations,
+            keys,
+            deliveries,
+        )
         self.stdout.write(
             f"Purged {generations} generation(s) and {keys} API key(s) deleted "
-            f"more than {options['older_than_days']} day(s) ago."
+            f"more than {options['older_than_days']} day(s) ago, and "
+            f"{deliveries} finished webhook delivery(ies) older than that."
         )
         if kept:
             self.stdout.write(

@@ -1,0 +1,333 @@
+"""Webhook rules: emitting events (the outbox), secrets, attempts, redelivery.
+
+``emit`` is called by a generation's transition inside the transition's
+transaction: the delivery row and procrastinate's job are written on the
+same connection, so they commit or roll back with the transition (the
+transactional outbox). The delivery task (``webhooks.tasks``) calls
+``delivery_attempt`` once per attempt.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.db.models import Case, F, Q, Value, When
+from django.db.models.functions import Now
+
+from apikeys.models import ApiKey
+from webhooks import delivery, guard
+from webhooks.models import (
+    EVENT_BY_FILTER_NAME,
+    DeliveryState,
+    Event,
+    WebhookDelivery,
+    WebhookSecret,
+)
+
+logger = logging.getLogger(__name__)
+
+# Both secrets sign for this long after a rotation (SPEC §5, §10).
+ROTATION_OVERLAP = timedelta(hours=24)
+JITTER = 0.10  # ±10 % on every retry delay
+DEFAULT_EVENTS_FILTER = tuple(EVENT_BY_FILTER_NAME)  # ("start", "completed")
+UNAVAILABLE = (
+    "Webhooks need PostgreSQL: set DATABASE_URL (the SQLite development "
+    "fallback has no delivery queue)."
+)
+
+
+class WebhooksUnavailable(Exception):
+    """The SQLite fallback: no delivery engine to write the outbox into."""
+
+    def __init__(self) -> None:
+        super().__init__(UNAVAILABLE)
+
+
+def webhooks_available() -> bool:
+    return not settings.DATABASE_FALLBACK
+
+
+# --- Create-time validation (the SSRF guard) ----------------------------------
+
+
+def webhook_url_check(url: str) -> str:
+    """The webhook URL a job may be created with, or ``guard.UnsafeURL``.
+
+    Raises ``WebhooksUnavailable`` on the SQLite fallback.
+    """
+    if not webhooks_available():
+        raise WebhooksUnavailable
+    guard.resolve(
+        url,
+        require_https=settings.PRODUCTION,
+        allow_private=settings.WEBHOOK_ALLOW_PRIVATE,
+    )
+    return url
+
+
+# --- Secrets ------------------------------------------------------------------
+
+
+def webhook_secret_get(*, api_key: ApiKey) -> WebhookSecret:
+    """The key's signing secret, created on first use."""
+    secret = WebhookSecret.objects.filter(api_key=api_key).first()
+    if secret is not None:
+        return secret
+    with transaction.atomic():
+        secret, _ = WebhookSecret.objects.get_or_create(
+            api_key=api_key, defaults={"current": delivery.new_secret()}
+        )
+    return secret
+
+
+@transaction.atomic
+def webhook_secret_rotate(*, api_key: ApiKey) -> WebhookSecret:
+    """A new current secret; the old one keeps signing for ``ROTATION_OVERLAP``."""
+    webhook_secret_get(api_key=api_key)
+    secret = WebhookSecret.objects.select_for_update().get(api_key=api_key)
+    secret.previous, secret.current = secret.current, delivery.new_secret()
+    secret.rotated_at = Now()
+    secret.save(update_fields=["previous", "current", "rotated_at"])
+    secret.refresh_from_db(fields=["rotated_at"])
+    logger.info("webhook secret of key %s rotated", api_key.key_prefix)
+    return secret
+
+
+def signing_secrets(*, api_key: ApiKey) -> list[str]:
+    """The secrets a delivery is signed with now: current, and previous while
+    the rotation's overlap lasts (the database clock decides)."""
+    secret = webhook_secret_get(api_key=api_key)
+    overlapping = WebhookSecret.objects.filter(
+        api_key=api_key,
+        rotated_at__gt=Now() - ROTATION_OVERLAP,
+    ).exclude(previous="")
+    if secret.previous and overlapping.exists():
+        return [secret.current, secret.previous]
+    return [secret.current]
+
+
+# --- Emit (the outbox) ------------------------------------------------------
+
+
+def _payload(generation: Any, event: str) -> str:
+    # Imported here: generations.api imports the services that will call emit.
+    from generations.api import generation_json
+
+    data = generation_json(generation)
+    moment = (
+        generation.started_at if event == Event.START else generation.completed_at
+    ) or (generation.updated_at or generation.created_at)
+    body = {
+        "type": event,
+        "timestamp": None if moment is None else moment.isoformat(),
+        "data": data,
+    }
+    return json.dumps(body, separators=(",", ":"))
+
+
+def emit(
+    generation: Any,
+    event: str,
+    *,
+    url: str | None,
+    events_filter: Iterable[str] | None = None,
+) -> WebhookDelivery | None:
+    """Write the delivery of ``event`` and queue its job, in the caller's transaction.
+
+    Args:
+        generation: the job, as the transition just saved it (its timestamps
+            are the database's).
+        event: ``generation.start`` or ``generation.completed``.
+        url: the job's ``webhook`` (None: no webhook, nothing happens).
+        events_filter: the job's ``webhook_events_filter`` (None: both).
+
+    Must run inside the transition's ``transaction.atomic()``: that is what
+    makes a rolled-back transition send nothing. Jobs without a key (shell,
+    admin) have no webhooks.
+    """
+    if event not in Event.values:
+        raise ValueError(f"unknown webhook event {event!r}")
+    wanted = {
+        EVENT_BY_FILTER_NAME[name]
+        for name in (DEFAULT_EVENTS_FILTER if events_filter is None else events_filter)
+    }
+    if not url or event not in wanted or generation.api_key_id is None:
+        return None
+    if not webhooks_available():
+        raise WebhooksUnavailable
+    if not connection.in_atomic_block:
+        raise RuntimeError("emit() must run inside the transition's transaction")
+    row = WebhookDelivery.objects.create(
+        generation=generation,
+        event=event,
+        url=url,
+        payload=_payload(generation, event),
+        next_attempt_at=Now(),
+    )
+    _queue(row.pk)
+    return row
+
+
+def _queue(delivery_id: uuid.UUID, *, redelivery: bool = False) -> None:
+    from webhooks.tasks import deliver
+
+    # procrastinate's Django connector: the INSERT into procrastinate_jobs runs
+    # on this (Django's) connection, in the open transaction.
+    deliver.defer(delivery_id=str(delivery_id), redelivery=redelivery)
+
+
+# --- Attempts -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttemptResult:
+    state: str
+    retry_at: datetime | None  # when the next scheduled attempt is due
+
+
+def retry_delay(attempts_made: int) -> float | None:
+    """Seconds before the next attempt after ``attempts_made`` attempts, with
+    ±10 % jitter; None once the schedule is exhausted."""
+    schedule = settings.WEBHOOK_RETRY_SCHEDULE
+    if attempts_made > len(schedule):
+        return None
+    base = schedule[attempts_made - 1]
+    return base * random.uniform(1 - JITTER, 1 + JITTER)  # noqa: S311 - jitter
+
+
+def delivery_attempt(
+    *, delivery_id: uuid.UUID | str, redelivery: bool = False, resolver: Any = None
+) -> AttemptResult | None:
+    """One attempt of a delivery; records it on the row and says what comes next.
+
+    A scheduled attempt (``redelivery=False``) of a delivery that is no longer
+    pending does nothing (a duplicate job, or a redelivery already made it).
+    Returns None when nothing was attempted.
+    """
+    row = (
+        WebhookDelivery.objects.select_related("generation__api_key")
+        .filter(pk=delivery_id)
+        .first()
+    )
+    if row is None or (not redelivery and row.state != DeliveryState.PENDING):
+        return None
+    api_key = row.generation.api_key
+    outcome = delivery.attempt(
+        delivery_id=str(row.pk),
+        url=row.url,
+        body=row.payload,
+        secrets_=signing_secrets(api_key=api_key),
+        timeout=settings.WEBHOOK_TIMEOUT,
+        require_https=settings.PRODUCTION,
+        allow_private=settings.WEBHOOK_ALLOW_PRIVATE,
+        resolver=resolver,
+    )
+    return _record(row.pk, outcome, redelivery=redelivery)
+
+
+@transaction.atomic
+def _record(
+    delivery_id: uuid.UUID, outcome: delivery.Outcome, *, redelivery: bool
+) -> AttemptResult:
+    row = WebhookDelivery.objects.select_for_update().get(pk=delivery_id)
+    attempts = row.attempts + 1
+    retry_at: datetime | None = None
+    delivered_at: Any = None
+    if outcome.delivered:
+        state, next_at, delivered_at = DeliveryState.DELIVERED, None, Now()
+    elif outcome.gone:
+        state, next_at = DeliveryState.GONE, None
+    elif redelivery:
+        # One extra attempt: the schedule (if any is still running) goes on.
+        scheduled = row.state == DeliveryState.PENDING and row.next_attempt_at
+        state = DeliveryState.PENDING if scheduled else DeliveryState.FAILED
+        next_at = row.next_attempt_at if scheduled else None
+    else:
+        delay = retry_delay(attempts)
+        if delay is None:
+            state, next_at = DeliveryState.FAILED, None
+        else:
+            state, next_at = DeliveryState.PENDING, Now() + timedelta(seconds=delay)
+    WebhookDelivery.objects.filter(pk=delivery_id).update(
+        attempts=F("attempts") + 1,
+        last_attempt_at=Now(),
+        last_status=outcome.status[:100],
+        state=state,
+        next_attempt_at=next_at,
+        delivered_at=delivered_at if delivered_at is not None else F("delivered_at"),
+    )
+    if state == DeliveryState.PENDING and not redelivery:
+        retry_at = (
+            WebhookDelivery.objects.filter(pk=delivery_id)
+            .values_list("next_attempt_at", flat=True)
+            .get()
+        )
+    logger.info(
+        "webhook %s attempt %d: %s → %s", delivery_id, attempts, outcome.status, state
+    )
+    return AttemptResult(state=state, retry_at=retry_at)
+
+
+@transaction.atomic
+def delivery_redeliver(*, delivery: WebhookDelivery) -> WebhookDelivery:
+    """One more attempt now, same ``webhook-id``; failed or gone become pending."""
+    if not webhooks_available():
+        raise WebhooksUnavailable
+    WebhookDelivery.objects.filter(pk=delivery.pk).update(
+        state=DeliveryState.PENDING,
+        # A running schedule keeps its next attempt; otherwise the extra
+        # attempt is the only one.
+        next_attempt_at=Case(
+            When(Q(state=DeliveryState.PENDING), then=F("next_attempt_at")),
+            default=Value(None),
+        ),
+    )
+    _queue(delivery.pk, redelivery=True)
+    delivery.refresh_from_db()
+    return delivery
+
+
+# --- Retention (manage.py purge_deleted) ---------------------------------------
+
+
+def deliveries_prune(*, older_than: timedelta, batch_size: int) -> int:
+    """Delete finished deliveries (delivered, failed, gone) created more than
+    ``older_than`` ago, batch by batch; pending ones stay. Returns the count."""
+    finished = WebhookDelivery.objects.exclude(state=DeliveryState.PENDING).filter(
+        created_at__lt=Now() - older_than
+    )
+    pruned = 0
+    while True:
+        batch = list(finished.order_by("pk").values_list("pk", flat=True)[:batch_size])
+        if not batch:
+            return pruned
+        count, _ = WebhookDelivery.objects.filter(pk__in=batch).delete()
+        pruned += count
+
+
+def finished_jobs_prune(*, older_than: timedelta) -> None:
+    """Delete procrastinate's finished delivery jobs (succeeded, failed,
+    cancelled, aborted) whose last event is older than ``older_than``."""
+    if not webhooks_available():
+        return
+    from asgiref.sync import async_to_sync
+    from procrastinate.contrib.django import app
+
+    from webhooks.tasks import QUEUE
+
+    async_to_sync(app.job_manager.delete_old_jobs)(
+        nb_hours=max(int(older_than.total_seconds() // 3600), 0),
+        queue=QUEUE,
+        include_failed=True,
+        include_cancelled=True,
+        include_aborted=True,
+    )
