@@ -24,10 +24,12 @@ from apikeys.permissions import IsWorkerOrAdminKey
 from generations.claims import MAX_BATCH, generation_claim
 from generations.models import (
     LIMITS,
+    WEBHOOK_EVENTS,
     Generation,
     InvalidTransition,
     Status,
     decimals_validator,
+    events_filter_names,
 )
 from generations.selectors import generation_get, generation_list
 from generations.services import (
@@ -70,6 +72,7 @@ from lockngen.http.views import (
     iso_datetime,
     parse_uuid,
 )
+from webhooks.fields import WebhookEventsFilterField, WebhookURLField
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 IDEMPOTENCY_MAX_LENGTH = Generation._meta.get_field("idempotency_key").max_length
@@ -118,6 +121,8 @@ OUTPUT: dict[str, Callable[[Any], Any]] = {
     "duration_ms": _as_is,
     "attempts": _as_is,
     "lease_expires_at": iso_datetime,
+    "webhook": _as_is,
+    "webhook_events_filter": events_filter_names,
 }
 
 
@@ -160,6 +165,12 @@ def _documented(name: str, **kwargs: Any) -> serializers.Field:
     """The schema of one ``OUTPUT`` field, read from the model field."""
     if name == "status":
         return serializers.ChoiceField(choices=list(STATUS_BY_NAME), read_only=True)
+    if name == "webhook_events_filter":
+        return serializers.ListField(
+            child=serializers.ChoiceField(choices=list(WEBHOOK_EVENTS)),
+            read_only=True,
+            help_text="The events the webhook gets.",
+        )
     db_field = Generation._meta.get_field(name)
     return model_field(
         Generation,
@@ -235,6 +246,8 @@ class GenerationCreateSerializer(StrictSerializer):
         help_text=f"At most {LIMITS['guidance'].decimals} decimal places.",
     )
     seed = _in("seed", StrictIntegerField)
+    webhook = WebhookURLField(required=False, allow_null=True)
+    webhook_events_filter = WebhookEventsFilterField(required=False)
 
 
 # Every editable field is text.

@@ -37,6 +37,7 @@ from django.conf import settings
 from django.db import IntegrityError, connection, transaction
 
 from apikeys.models import ApiKey
+from generations.events import FINISHED, STARTED, announce
 from generations.models import (
     NO_KEY,
     DurationMs,
@@ -103,7 +104,7 @@ WITH exhausted AS (
         LIMIT {EXPIRED_SWEEP_BATCH}
         FOR UPDATE OF g SKIP LOCKED
     )
-    RETURNING g.id
+    RETURNING {{returning}}
 ),
 reclaimed AS (
     SELECT g.id FROM generations g
@@ -152,26 +153,32 @@ fair AS (
 ),
 picked AS (
     SELECT id FROM reclaimed UNION ALL SELECT id FROM fair
+),
+claimed AS (
+    UPDATE generations AS g SET
+        status = {Status.RUNNING.value},
+        updated_at = statement_timestamp(),
+        started_at = statement_timestamp(),
+        lease_expires_at = statement_timestamp() + make_interval(secs => %(lease)s),
+        attempts = g.attempts + 1,
+        lease_token = gen_random_uuid(),
+        claimed_by = %(worker)s
+    WHERE g.id = ANY(ARRAY(SELECT id FROM picked))
+    RETURNING {{returning}}
 )
-UPDATE generations AS g SET
-    status = {Status.RUNNING.value},
-    updated_at = statement_timestamp(),
-    started_at = statement_timestamp(),
-    lease_expires_at = statement_timestamp() + make_interval(secs => %(lease)s),
-    attempts = g.attempts + 1,
-    lease_token = gen_random_uuid(),
-    claimed_by = %(worker)s
-WHERE g.id = ANY(ARRAY(SELECT id FROM picked))
-RETURNING {{columns}}
+SELECT true, {{columns}} FROM claimed
+UNION ALL
+SELECT false, {{columns}} FROM exhausted
 """  # noqa: S608
 
 
 def _claim_sql(*, routed: bool) -> str:
-    columns = ", ".join(f"g.{f.column}" for f in Generation._meta.concrete_fields)
+    fields = Generation._meta.concrete_fields
     return _CLAIM.format(
         expired_models="AND g.model = ANY(%(models)s::varchar[])" if routed else "",
         lane_jobs=_SOME_MODELS if routed else _ANY_MODEL,
-        columns=columns,
+        returning=", ".join(f"g.{field.column}" for field in fields),
+        columns=", ".join(field.column for field in fields),
     )
 
 
@@ -207,16 +214,32 @@ def generation_claim(
     sql = CLAIM_SOME_MODELS if models else CLAIM_ANY_MODEL
     for attempt in range(1, CAP_RACE_RETRIES + 1):
         try:
-            with transaction.atomic(), connection.cursor() as cursor:
-                cursor.execute(sql, params)
-                rows = cursor.fetchall()
+            with transaction.atomic():
+                jobs, failed = _run_claim(sql, params)
+                announce([job for job in jobs if job.attempts == 1], STARTED)
+                announce(failed, FINISHED)
             break
         except IntegrityError:
             if attempt == CAP_RACE_RETRIES:
                 raise
             logger.info("claim lost a race for a capped key's slot; trying again")
-    jobs = [Generation.from_db(connection.alias, _ATTNAMES, row) for row in rows]
+    for job in failed:
+        logger.warning("generation %s failed: lease expired", job.pk)
     return sorted(jobs, key=lambda job: (job.created_at, job.id))
+
+
+def _run_claim(
+    sql: str, params: dict[str, object]
+) -> tuple[list[Generation], list[Generation]]:
+    """The jobs claimed, and those failed for running out of attempts."""
+    claimed: list[Generation] = []
+    failed: list[Generation] = []
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        for is_claimed, *values in cursor.fetchall():
+            job = Generation.from_db(connection.alias, _ATTNAMES, values)
+            (claimed if is_claimed else failed).append(job)
+    return claimed, failed
 
 
 def _claim_with_the_orm(
@@ -231,7 +254,8 @@ def _claim_with_the_orm(
     claimed: list[Generation] = []
     with transaction.atomic():
         expired = Generation.objects.expired_leases()
-        expired.filter(attempts__gte=max_attempts).update(
+        exhausted = list(expired.filter(attempts__gte=max_attempts).values("pk"))
+        Generation.objects.filter(pk__in=[row["pk"] for row in exhausted]).update(
             **transition_values(Status.FAILED),
             error_message="lease expired; no attempts left",
         )

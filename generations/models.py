@@ -22,7 +22,7 @@ from django.core.validators import (
     MinLengthValidator,
     MinValueValidator,
 )
-from django.db import models
+from django.db import models, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import Case, F, Q, Value, When
 from django.db.models.functions import Coalesce, Mod, Now
@@ -123,6 +123,24 @@ TRANSITIONS: dict[Status, frozenset[Status]] = {
 }
 
 
+# The events a job's webhook may get (SPEC §10), in their stored order:
+# ``webhook_events_filter`` keeps a subset as one comma-separated string.
+WEBHOOK_EVENTS = ("start", "completed")
+WEBHOOK_EVENT_SUBSETS = [
+    ",".join(name for n, name in enumerate(WEBHOOK_EVENTS) if mask & (1 << n))
+    for mask in range(1 << len(WEBHOOK_EVENTS))
+]
+
+
+def events_filter_text(names: Any) -> str:
+    """The stored form of a subset of ``WEBHOOK_EVENTS``."""
+    return ",".join(name for name in WEBHOOK_EVENTS if name in names)
+
+
+def events_filter_names(text: str) -> list[str]:
+    return [name for name in text.split(",") if name]
+
+
 # What a client sends to create a job (the create request's fields; its
 # Idempotency-Key fingerprint covers exactly these).
 REQUEST_FIELDS = (
@@ -135,6 +153,8 @@ REQUEST_FIELDS = (
     "steps",
     "guidance",
     "seed",
+    "webhook",
+    "webhook_events_filter",
 )
 
 
@@ -163,6 +183,30 @@ class GenerationQuerySet(SoftDeleteQuerySet):
         )
 
     transition.alters_data = True
+
+    def delete(self) -> tuple[int, dict[str, int]]:
+        """Soft-delete (``soft_delete_values``: live jobs are cancelled), and
+        announce the cancelled jobs' ``generation.completed`` (SPEC §11) in
+        the same transaction. The live jobs with a webhook are locked first,
+        so the ones announced are exactly the ones this UPDATE cancelled."""
+        from generations.events import FINISHED, announce
+
+        with transaction.atomic(using=self.db):
+            live = list(
+                self.filter(
+                    is_deleted=False,
+                    status__in=sources_of(Status.CANCELLED),
+                    webhook__isnull=False,
+                )
+                .select_for_update()
+                .values_list("pk", flat=True)
+            )
+            result = super().delete()
+            if live:
+                announce(Generation.all_objects.filter(pk__in=live), FINISHED)
+        return result
+
+    delete.alters_data = True
 
     def soft_delete_values(self) -> dict[str, Any]:
         """Soft-deleting a queued or running job cancels it in the same UPDATE.
@@ -236,6 +280,18 @@ class Generation(SoftDeleteModel):
         max_length=64, null=True, blank=True, editable=False
     )
     lease_token = models.UUIDField(null=True, blank=True, editable=False)
+    webhook = models.CharField(
+        max_length=2000,
+        null=True,
+        blank=True,
+        help_text="Where this job's events are POSTed (SPEC §10).",
+    )
+    webhook_events_filter = models.CharField(
+        max_length=32,
+        default=",".join(WEBHOOK_EVENTS),
+        db_default=",".join(WEBHOOK_EVENTS),
+        help_text="The events the webhook gets: a subset of start, completed.",
+    )
     claimed_by = models.CharField(
         max_length=100,
         null=True,
@@ -317,6 +373,10 @@ class Generation(SoftDeleteModel):
             ),
             models.CheckConstraint(
                 condition=~Q(prompt=""), name="generations_prompt_not_blank"
+            ),
+            models.CheckConstraint(
+                condition=Q(webhook_events_filter__in=WEBHOOK_EVENT_SUBSETS),
+                name="generations_webhook_events_filter_subset",
             ),
             models.CheckConstraint(
                 condition=Q(duration_ms__gte=0), name="generations_duration_ms_gte_0"

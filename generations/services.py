@@ -18,11 +18,13 @@ from django.db.models import QuerySet
 from django.db.models.functions import Now
 
 from apikeys.models import ApiKey
+from generations.events import FINISHED, announce
 from generations.models import (
     REQUEST_FIELDS,
     Generation,
     InvalidTransition,
     Status,
+    events_filter_text,
     lease_expiry,
     transition_values,
 )
@@ -72,6 +74,9 @@ def generation_create(
     IdempotencyKeyReused. The partial unique index decides races: the
     loser's INSERT fails inside a savepoint and it reads the winner's row.
     """
+    events = fields.get("webhook_events_filter")
+    if events is not None and not isinstance(events, str):
+        fields["webhook_events_filter"] = events_filter_text(events)
     generation = Generation(api_key=api_key, idempotency_key=idempotency_key, **fields)
     if idempotency_key is None:
         return _insert(generation), True
@@ -117,7 +122,9 @@ def _locked(generation: Generation) -> Generation:
 @transaction.atomic
 def generation_cancel(*, generation: Generation) -> Generation:
     """Cancel a queued or running job; raises InvalidTransition if terminal."""
-    return _save_transition(_locked(generation), Status.CANCELLED)
+    generation = _save_transition(_locked(generation), Status.CANCELLED)
+    announce([generation], FINISHED)
+    return generation
 
 
 def generation_delete(*, generation: Generation) -> None:
@@ -181,9 +188,11 @@ def _why_refused(pk: uuid.UUID, target: Status) -> Exception:
 def _finish(
     pk: uuid.UUID, lease_token: uuid.UUID, target: Status, extra: dict[str, Any]
 ) -> Generation:
-    generation = _fenced(pk, lease_token, transition_values(target) | extra)
-    if generation is None:
-        raise _why_refused(pk, target)
+    with transaction.atomic():
+        generation = _fenced(pk, lease_token, transition_values(target) | extra)
+        if generation is None:
+            raise _why_refused(pk, target)
+        announce([generation], FINISHED)
     return generation
 
 
