@@ -40,6 +40,8 @@ GENERATION_FIELDS = {
     "duration_ms",
     "attempts",
     "lease_expires_at",
+    "webhook",
+    "webhook_events_filter",
 }
 
 
@@ -88,6 +90,8 @@ def test_create_queues_a_generation_with_location_and_defaults(owner_api, owner_
         "duration_ms": None,
         "attempts": 0,
         "lease_expires_at": None,
+        "webhook": None,
+        "webhook_events_filter": ["start", "completed"],
     }
     stored = Generation.objects.get(pk=body["id"])
     assert stored.api_key == owner_key[0]

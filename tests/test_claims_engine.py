@@ -122,7 +122,7 @@ def test_the_key_counters_follow_every_path_that_changes_a_job(owner_key, other_
 def test_truncating_the_jobs_empties_the_counters():
     queue(make_api_key()[0], 3)
     with connection.cursor() as cursor:
-        cursor.execute("TRUNCATE generations")
+        cursor.execute("TRUNCATE generations CASCADE")  # webhook_deliveries too
     assert KeyQueue.objects.count() == 0
 
 

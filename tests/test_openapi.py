@@ -100,7 +100,7 @@ def test_schema_documents_both_key_headers_and_the_errors(schema):
 def test_generation_and_key_bodies_are_documented(schema):
     components = schema["components"]["schemas"]
     generation = components["Generation"]["properties"]
-    assert len(generation) == 23
+    assert len(generation) == 25
     assert "Worker and admin keys only" in generation["claimed_by"]["description"]
     assert generation["seed"]["format"] == "int64"
     assert (generation["width"]["minimum"], generation["width"]["maximum"]) == (

@@ -51,6 +51,13 @@ GENERATION_COLUMNS = {
     "request_fingerprint": ("character", 64, NULLABLE, None),
     "lease_token": ("uuid", None, NULLABLE, None),
     "claimed_by": ("character varying", 100, NULLABLE, None),
+    "webhook": ("character varying", 2000, NULLABLE, None),
+    "webhook_events_filter": (
+        "character varying",
+        32,
+        NULL_NOT_ALLOWED,
+        "'start,completed'::character varying",
+    ),
     "api_key_id": ("uuid", None, NULLABLE, None),
     "is_deleted": ("boolean", None, NULL_NOT_ALLOWED, "false"),
     "deleted_at": ("timestamp with time zone", None, NULLABLE, None),
@@ -199,6 +206,11 @@ BAD_GENERATIONS = [
     ("prompt", "''", "generations_prompt_not_blank"),
     ("duration_ms", "-1", "generations_duration_ms_gte_0"),
     ("attempts", "-1", "generations_attempts_gte_0"),
+    (
+        "webhook_events_filter",
+        "'completed,start'",
+        "generations_webhook_events_filter_subset",
+    ),
     (
         "completed_at",
         "statement_timestamp() - interval '1 second'",
