@@ -254,8 +254,7 @@ def _claim_with_the_orm(
     claimed: list[Generation] = []
     with transaction.atomic():
         expired = Generation.objects.expired_leases()
-        exhausted = list(expired.filter(attempts__gte=max_attempts).values("pk"))
-        Generation.objects.filter(pk__in=[row["pk"] for row in exhausted]).update(
+        expired.filter(attempts__gte=max_attempts).update(
             **transition_values(Status.FAILED),
             error_message="lease expired; no attempts left",
         )
