@@ -32,6 +32,7 @@ from generations.services import (
 )
 from tests.conftest import ApiClient
 from tests.factories import make_api_key, make_generation
+from tests.test_claims import in_thread
 
 
 def queue(api_key: ApiKey | None, jobs: int, *, model: str = "sdxl") -> None:
@@ -76,16 +77,6 @@ def kept_counts() -> dict[uuid.UUID, tuple[int, int]]:
         for row in KeyQueue.objects.all()
         if row.queued or row.running
     }
-
-
-def in_thread(work):
-    def run(*args):
-        try:
-            return work(*args)
-        finally:
-            connection.close()
-
-    return run
 
 
 # --- The counters the claim reads ---------------------------------------------
