@@ -116,11 +116,12 @@ def generated(served, tmp_path_factory) -> Iterator[SimpleNamespace]:
 
 
 def client_for(generated: SimpleNamespace, served: LiveApi, key: str) -> Any:
-    # An undocumented status raises instead of parsing to None.
+    # An undocumented status raises instead of parsing to None. A copy of the
+    # headers: the client writes its Authorization header into the dict given.
     return generated.client.AuthenticatedClient(
         base_url=f"http://127.0.0.1:{served.server.port}",
         token=key,
-        headers=PROXY_HEADERS,
+        headers=dict(PROXY_HEADERS),
         timeout=httpx.Timeout(CLIENT_TIMEOUT_S),
         raise_on_unexpected_status=True,
     )
