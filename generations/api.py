@@ -128,6 +128,7 @@ OUTPUT: dict[str, Callable[[Any], Any]] = {
 
 # What worker and admin keys see besides (SPEC §5): which GPU box holds a job.
 FLEET_OUTPUT: dict[str, Callable[[Any], Any]] = {"claimed_by": _as_is}
+FLEET_HELP = "Worker and admin keys only."
 
 
 def generation_json(generation: Generation, *, fleet: bool = False) -> dict[str, Any]:
@@ -176,9 +177,7 @@ def _documented(name: str, **kwargs: Any) -> serializers.Field:
         Generation,
         name,
         _DRF_FIELD_FOR[db_field],
-        read_only=True,
-        default=serializers.empty,
-        **kwargs,
+        **{"read_only": True, "default": serializers.empty, **kwargs},
     )
 
 
@@ -194,8 +193,16 @@ GenerationSerializer = type(
         "__module__": __name__,
         "__doc__": "Documents ``generation_json`` for the schema.",
         **{name: _documented(name) for name in OUTPUT},
+        # Not read-only: drf-spectacular lists every read-only field as
+        # required, and client keys' answers leave these out (generated
+        # clients would fail to parse them).
         **{
-            name: _documented(name, help_text="Worker and admin keys only.")
+            name: _documented(
+                name,
+                read_only=False,
+                required=False,
+                help_text=FLEET_HELP,
+            )
             for name in FLEET_OUTPUT
         },
     },
@@ -205,6 +212,8 @@ GenerationSerializer = type(
 class LeasedGenerationSerializer(GenerationSerializer):
     """Documents ``leased_json``: the claim and heartbeat answers."""
 
+    # Always there: only worker and admin keys hold leases.
+    claimed_by = _documented("claimed_by", help_text=FLEET_HELP)
     lease_token = serializers.UUIDField(
         read_only=True,
         allow_null=True,

@@ -102,6 +102,14 @@ def test_generation_and_key_bodies_are_documented(schema):
     generation = components["Generation"]["properties"]
     assert len(generation) == 25
     assert "Worker and admin keys only" in generation["claimed_by"]["description"]
+    # claimed_by is only in worker and admin keys' answers: optional, so a
+    # generated client parses a client key's answer too.
+    assert "claimed_by" not in components["Generation"]["required"]
+    assert "claimed_by" in components["LeasedGeneration"]["required"]
+    claim = components["ClaimRequest"]
+    assert set(claim["properties"]) == {"max", "models", "worker"}
+    assert "required" not in claim
+    assert claim["properties"]["worker"]["maxLength"] == 100
     assert generation["seed"]["format"] == "int64"
     assert (generation["width"]["minimum"], generation["width"]["maximum"]) == (
         64,
