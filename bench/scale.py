@@ -96,7 +96,7 @@ PLANS = {
     "list, quiet key, first page": ("generations_key_list_idx",),
     "key lookup (key_hash)": ("api_keys_key_hash",),
     # Keys in turn, then the chosen key's oldest job (generations.claims).
-    "claim": ("key_queues_open_turn_idx", "generations_lane_head_idx"),
+    "claim": ("key_queues_turn_idx", "generations_lane_head_idx"),
 }
 
 

@@ -67,7 +67,7 @@ _ANY_MODEL = f"""
         SELECT g.id FROM generations g
         WHERE {_LANE} = lanes.api_key_id AND g.status = 0 AND NOT g.is_deleted
         ORDER BY g.created_at, g.id
-        LIMIT LEAST(lanes.free, (SELECT per_key FROM share))
+        LIMIT LEAST(slot.free, (SELECT per_key FROM share))
         FOR UPDATE OF g SKIP LOCKED"""  # noqa: S608 (constants; values are parameters)
 
 _SOME_MODELS = f"""
@@ -77,13 +77,15 @@ _SOME_MODELS = f"""
             WHERE {_LANE} = lanes.api_key_id AND g.model = wanted.model
               AND g.status = 0 AND NOT g.is_deleted
             ORDER BY g.created_at, g.id
-            LIMIT LEAST(lanes.free, (SELECT per_key FROM share))
+            LIMIT LEAST(slot.free, (SELECT per_key FROM share))
             FOR UPDATE OF g SKIP LOCKED
         ) picked
         ORDER BY picked.created_at, picked.id
-        LIMIT LEAST(lanes.free, (SELECT per_key FROM share))"""  # noqa: S608
+        LIMIT LEAST(slot.free, (SELECT per_key FROM share))"""  # noqa: S608
 
-_TURN = "last_served_at ASC NULLS FIRST, queued_since, api_key_id"
+_TURN_OF_LANES = (
+    "lanes.last_served_at ASC NULLS FIRST, lanes.queued_since, lanes.api_key_id"
+)
 
 _CLAIM = f"""
 WITH exhausted AS (
@@ -115,44 +117,40 @@ reclaimed AS (
 ),
 share AS (
     -- An even share of the batch per key: the keys with work, counted up
-    -- to the batch size (index scans, never the whole table).
+    -- to the batch size (on the turn index, never the whole table).
     SELECT CASE WHEN %(n)s = 1 THEN 1 ELSE ceil(%(n)s::numeric / GREATEST(1,
         (SELECT count(*) FROM (
             SELECT 1 FROM generation_key_queues
-            WHERE queued > 0 AND max_running IS NULL LIMIT %(n)s) AS open_keys)
-        + (SELECT count(*) FROM (
-            SELECT 1 FROM generation_key_queues
-            WHERE queued > 0 AND running < max_running LIMIT %(n)s) AS capped_keys)
+            WHERE queued > 0 AND (max_running IS NULL OR running < max_running)
+            LIMIT %(n)s) AS with_work)
     ))::integer END AS per_key
 ),
 fair AS (
     SELECT job.id
-    FROM (
-        (
-            SELECT api_key_id, last_served_at, queued_since, %(n)s AS free
-            FROM generation_key_queues
-            WHERE queued > 0 AND max_running IS NULL
-            ORDER BY {_TURN}
-        )
-        UNION ALL
-        (
-            SELECT * FROM (
-                SELECT api_key_id, last_served_at, queued_since,
-                       max_running - running AS free
-                FROM generation_key_queues
-                WHERE queued > 0 AND running < max_running
-                ORDER BY {_TURN}
-                FOR UPDATE SKIP LOCKED
-            ) capped
-        )
-        ORDER BY {_TURN}
-    ) lanes,
-    LATERAL ({{lane_jobs}}
-    ) job
-    LIMIT %(n)s - (SELECT count(*) FROM reclaimed)
+    FROM generation_key_queues AS lanes
+    -- A capped key's free slots, read from its row locked now (the latest
+    -- version: a claim that committed meanwhile counts); a row another
+    -- claimer holds is skipped, so no two claims fill the same slot.
+    CROSS JOIN LATERAL (
+        SELECT CASE WHEN lanes.max_running IS NULL THEN %(n)s ELSE COALESCE((
+            SELECT k.max_running - k.running FROM generation_key_queues AS k
+            WHERE k.api_key_id = lanes.api_key_id AND k.running < k.max_running
+            FOR UPDATE SKIP LOCKED
+        ), 0) END AS free
+    ) AS slot
+    CROSS JOIN LATERAL ({{lane_jobs}}
+    ) AS job
+    WHERE lanes.queued > 0
+      AND (lanes.max_running IS NULL OR lanes.running < lanes.max_running)
+    ORDER BY {_TURN_OF_LANES}
+    -- A constant, so the keys are walked in index order and only as far as
+    -- needed (a limit the planner cannot see makes it sort every key).
+    LIMIT %(n)s
 ),
 picked AS (
-    SELECT id FROM reclaimed UNION ALL SELECT id FROM fair
+    SELECT id FROM reclaimed
+    UNION ALL
+    (SELECT id FROM fair LIMIT %(n)s - (SELECT count(*) FROM reclaimed))
 ),
 claimed AS (
     UPDATE generations AS g SET

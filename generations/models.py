@@ -497,10 +497,10 @@ class KeyQueue(models.Model):
     row while it takes jobs, so no two claims fill the same free slot.
     Never written by Python.
 
-    Its two indexes — the claim's walk over keys, least recently served
-    first (``last_served_at NULLS FIRST``, which SQLite cannot index), one for
-    keys without a cap and one for capped keys with a free slot, so a key at
-    its cap is not even visited — are made with the triggers (PostgreSQL).
+    Its index — the claim's walk over keys, least recently served first
+    (``last_served_at NULLS FIRST``, which SQLite cannot index), of the keys
+    with something queued and a free slot, so a key at its cap is not even
+    visited — is made with the triggers (PostgreSQL).
     """
 
     api_key_id = models.UUIDField(primary_key=True, editable=False)

@@ -141,12 +141,11 @@ BEGIN
 END
 $$;
 
-CREATE INDEX key_queues_open_turn_idx ON generation_key_queues
+-- The claim's walk over keys in turn order; a key with nothing queued or
+-- at its cap is not in it.
+CREATE INDEX key_queues_turn_idx ON generation_key_queues
     (last_served_at NULLS FIRST, queued_since, api_key_id)
-    WHERE queued > 0 AND max_running IS NULL;
-CREATE INDEX key_queues_capped_turn_idx ON generation_key_queues
-    (last_served_at NULLS FIRST, queued_since, api_key_id)
-    WHERE queued > 0 AND running < max_running;
+    WHERE queued > 0 AND (max_running IS NULL OR running < max_running);
 
 CREATE TRIGGER generations_key_queue_insert AFTER INSERT ON generations
     REFERENCING NEW TABLE AS new_rows
@@ -191,8 +190,7 @@ DROP FUNCTION generations_truncate_key_queues();
 DROP FUNCTION generations_count_in_key_queues();
 DROP FUNCTION generation_key_queue_add(uuid, integer, integer, boolean, timestamptz);
 DELETE FROM generation_key_queues;
-DROP INDEX key_queues_capped_turn_idx;
-DROP INDEX key_queues_open_turn_idx;
+DROP INDEX key_queues_turn_idx;
 """
 
 
