@@ -34,7 +34,8 @@ import logging
 from collections.abc import Sequence
 
 from django.conf import settings
-from django.db import IntegrityError, connection, transaction
+from django.db import IntegrityError, OperationalError, connection, transaction
+from psycopg.errors import CheckViolation, DeadlockDetected
 
 from apikeys.models import ApiKey
 from generations.events import FINISHED, STARTED, announce
@@ -49,9 +50,13 @@ from generations.models import (
 logger = logging.getLogger(__name__)
 
 MAX_BATCH = 50
+# The first key of the claim's advisory locks (``pg_try_advisory_xact_lock``
+# with two int4 keys: a space of its own, apart from one-bigint locks).
+ADVISORY_CLASS = 0x6C6B6E67  # "lkng"
 EXPIRED_SWEEP_BATCH = 100
 # A claim that lost a race for a capped key's last slot (the trigger refused
 # it) is tried again; the next try sees the key at its cap and skips it.
+# So is one the database cancelled to break a deadlock.
 CAP_RACE_RETRIES = 3
 
 _LANE = f"COALESCE(g.api_key_id, '{NO_KEY}'::uuid)"
@@ -116,27 +121,32 @@ reclaimed AS (
     FOR UPDATE OF g SKIP LOCKED
 ),
 share AS (
-    -- An even share of the batch per key: the keys with work, counted up
-    -- to the batch size (on the turn index, never the whole table).
+    -- An even share of the batch per key: the keys with work (of the wanted
+    -- models), counted up to the batch size, in turn order.
     SELECT CASE WHEN %(n)s = 1 THEN 1 ELSE ceil(%(n)s::numeric / GREATEST(1,
         (SELECT count(*) FROM (
-            SELECT 1 FROM generation_key_queues
-            WHERE queued > 0 AND (max_running IS NULL OR running < max_running)
+            SELECT 1 FROM generation_key_queues AS lanes
+            WHERE lanes.queued > 0
+              AND (lanes.max_running IS NULL OR lanes.running < lanes.max_running)
+              {{lane_has_models}}
             LIMIT %(n)s) AS with_work)
     ))::integer END AS per_key
 ),
 fair AS (
     SELECT job.id
     FROM generation_key_queues AS lanes
-    -- A capped key's free slots, read from its row locked now (the latest
-    -- version: a claim that committed meanwhile counts); a row another
-    -- claimer holds is skipped, so no two claims fill the same slot.
+    -- A capped key is taken by one claim at a time: a transaction-scoped
+    -- advisory lock, tried without waiting (a key another claim holds is
+    -- skipped), and never a row lock, which would be taken out of the order
+    -- in which the triggers lock counter rows (deadlocks).
     CROSS JOIN LATERAL (
-        SELECT CASE WHEN lanes.max_running IS NULL THEN %(n)s ELSE COALESCE((
-            SELECT k.max_running - k.running FROM generation_key_queues AS k
-            WHERE k.api_key_id = lanes.api_key_id AND k.running < k.max_running
-            FOR UPDATE SKIP LOCKED
-        ), 0) END AS free
+        SELECT CASE
+            WHEN lanes.max_running IS NULL THEN %(n)s
+            WHEN pg_try_advisory_xact_lock(
+                {ADVISORY_CLASS}, hashtext(lanes.api_key_id::text)
+            ) THEN lanes.max_running - lanes.running
+            ELSE 0
+        END AS free
     ) AS slot
     CROSS JOIN LATERAL ({{lane_jobs}}
     ) AS job
@@ -170,10 +180,18 @@ SELECT false, {{columns}} FROM exhausted
 """  # noqa: S608
 
 
+_LANE_HAS_MODELS = f"""AND EXISTS (
+                SELECT 1 FROM generations g
+                WHERE {_LANE} = lanes.api_key_id
+                  AND g.model = ANY(%(models)s::varchar[])
+                  AND g.status = 0 AND NOT g.is_deleted)"""  # noqa: S608
+
+
 def _claim_sql(*, routed: bool) -> str:
     fields = Generation._meta.concrete_fields
     return _CLAIM.format(
         expired_models="AND g.model = ANY(%(models)s::varchar[])" if routed else "",
+        lane_has_models=_LANE_HAS_MODELS if routed else "",
         lane_jobs=_SOME_MODELS if routed else _ANY_MODEL,
         returning=", ".join(f"g.{field.column}" for field in fields),
         columns=", ".join(field.column for field in fields),
@@ -217,13 +235,23 @@ def generation_claim(
                 announce([job for job in jobs if job.attempts == 1], STARTED)
                 announce(failed, FINISHED)
             break
-        except IntegrityError:
-            if attempt == CAP_RACE_RETRIES:
+        except (IntegrityError, OperationalError) as exc:
+            if attempt == CAP_RACE_RETRIES or not _lost_a_race(exc):
                 raise
-            logger.info("claim lost a race for a capped key's slot; trying again")
+            logger.info("claim lost a race (%s); trying again", type(exc.__cause__))
     for job in failed:
         logger.warning("generation %s failed: lease expired", job.pk)
     return sorted(jobs, key=lambda job: (job.created_at, job.id))
+
+
+def _lost_a_race(exc: Exception) -> bool:
+    """The claim met another transaction, not a fault: try it again.
+
+    The trigger's cap guard (a capped key's slot taken by a claim that
+    committed after this statement's snapshot) or a deadlock the database
+    broke by cancelling this claim.
+    """
+    return isinstance(exc.__cause__, CheckViolation | DeadlockDetected)
 
 
 def _run_claim(

@@ -187,23 +187,28 @@ class GenerationQuerySet(SoftDeleteQuerySet):
     def delete(self) -> tuple[int, dict[str, int]]:
         """Soft-delete (``soft_delete_values``: live jobs are cancelled), and
         announce the cancelled jobs' ``generation.completed`` (SPEC §11) in
-        the same transaction. The live jobs with a webhook are locked first,
-        so the ones announced are exactly the ones this UPDATE cancelled."""
+        the same transaction.
+
+        The rows are locked first and the one UPDATE is of exactly those, so
+        the jobs announced are the ones it cancelled (a job created or
+        claimed between two statements cannot slip through unannounced).
+        """
         from generations.events import FINISHED, announce
 
+        live = set(sources_of(Status.CANCELLED))
         with transaction.atomic(using=self.db):
-            live = list(
-                self.filter(
-                    is_deleted=False,
-                    status__in=sources_of(Status.CANCELLED),
-                    webhook__isnull=False,
-                )
+            rows = list(
+                self.filter(is_deleted=False)
                 .select_for_update()
-                .values_list("pk", flat=True)
+                .values_list("pk", "status", "webhook")
             )
-            result = super().delete()
-            if live:
-                announce(Generation.all_objects.filter(pk__in=live), FINISHED)
+            locked = type(self)(self.model, using=self.db).filter(
+                pk__in=[pk for pk, _, _ in rows]
+            )
+            result = super(GenerationQuerySet, locked).delete()
+            announced = [pk for pk, status, hook in rows if status in live and hook]
+            if announced:
+                announce(Generation.all_objects.filter(pk__in=announced), FINISHED)
         return result
 
     delete.alters_data = True

@@ -8,6 +8,7 @@ its own PostgreSQL connection, as gunicorn threads do.
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -60,7 +61,7 @@ def true_counts() -> dict[uuid.UUID, tuple[int, int]]:
         Generation.all_objects.values("api_key")
         .annotate(
             queued=Count("pk", filter=Q(status=Status.QUEUED, is_deleted=False)),
-            running=Count("pk", filter=Q(status=Status.RUNNING)),
+            running=Count("pk", filter=Q(status=Status.RUNNING, is_deleted=False)),
         )
         .values_list("api_key", "queued", "running")
     )
@@ -184,6 +185,32 @@ def test_a_key_at_its_cap_is_skipped_and_blocks_no_one(owner_key, other_key):
     claimed = [job.api_key_id for job in generation_claim(max_jobs=10)]
 
     assert Counter(claimed) == {busy.pk: 1, other_key[0].pk: 3}
+
+
+def test_a_routed_batch_shares_among_the_keys_with_jobs_of_those_models(
+    owner_key, other_key
+):
+    queue(owner_key[0], 100, model="flux")
+    for n in range(10):
+        queue(make_api_key(name=f"sdxl client {n}")[0], 100, model="sdxl")
+
+    jobs = generation_claim(max_jobs=10, models=["flux"])
+
+    assert len(jobs) == 10
+    assert {job.model for job in jobs} == {"flux"}
+
+
+def test_a_deleted_running_job_holds_no_slot(owner_key):
+    owner = capped(owner_key[0], 1)
+    queue(owner, 2)
+    stale = generation_claim()[0]
+    with connection.cursor() as cursor:  # as a row deleted before v2 could be
+        cursor.execute(
+            "UPDATE generations SET is_deleted = true WHERE id = %s", [stale.pk]
+        )
+
+    assert len(generation_claim()) == 1
+    assert kept_counts() == true_counts()
 
 
 def test_a_batch_is_distinct_jobs_each_with_its_own_lease(admin_api, owner_key):
@@ -379,3 +406,78 @@ def test_eight_batch_claimers_drain_2000_jobs_each_exactly_once():
     }
     assert sum(1 for jobs in per_claimer if jobs) > 1  # they really competed
     assert kept_counts() == true_counts()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_claim_and_a_transaction_across_two_keys_do_not_deadlock():
+    """A capped key's claim holds no row lock of its counter, so a transaction
+    that changes jobs of an uncapped and then of the capped key (in counter
+    row order or not) and a claim taking jobs of both never wait in a cycle."""
+    capped_key = capped(make_api_key(name="capped")[0], 5)
+    open_key = make_api_key(name="open")[0]
+    queue(capped_key, 4)
+    queue(open_key, 4)
+    first_of = {
+        key: Generation.objects.filter(api_key=key).order_by("created_at").first()
+        for key in (capped_key, open_key)
+    }
+    holding = threading.Event()
+    claimed = threading.Event()
+    outcome: dict[str, object] = {}
+
+    @in_thread
+    def other_transaction() -> None:
+        with transaction.atomic():
+            generation_cancel(generation=first_of[open_key])  # locks its counter
+            holding.set()
+            claimed.wait(2)  # the claim is now waiting on that counter row
+            generation_cancel(generation=first_of[capped_key])
+        outcome["other"] = "committed"
+
+    @in_thread
+    def claim() -> None:
+        holding.wait(10)
+        timer = threading.Timer(0.5, claimed.set)
+        timer.start()
+        try:
+            outcome["claim"] = len(generation_claim(max_jobs=4))
+        except Exception as exc:  # noqa: BLE001 -- reported below
+            outcome["claim"] = repr(exc)
+
+    threads = [threading.Thread(target=f) for f in (other_transaction, claim)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+
+    assert outcome == {"other": "committed", "claim": 4}
+    assert kept_counts() == true_counts()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_cap_set_while_a_keys_first_jobs_are_queued_holds():
+    """The key's counter row is written by whichever commits second, the cap
+    or the first jobs: its copy of the cap is the committed one either way."""
+    key = make_api_key(name="new client")[0]
+    capping = threading.Event()
+
+    @in_thread
+    def set_cap() -> None:
+        with transaction.atomic():
+            ApiKey.objects.filter(pk=key.pk).update(max_running=1)
+            capping.set()
+            time.sleep(0.5)  # the first jobs are inserted meanwhile
+
+    @in_thread
+    def first_jobs() -> None:
+        capping.wait(10)
+        queue(key, 3)
+
+    threads = [threading.Thread(target=f) for f in (set_cap, first_jobs)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+
+    assert KeyQueue.objects.get(pk=key.pk).max_running == 1
+    assert len(generation_claim(max_jobs=10)) == 1

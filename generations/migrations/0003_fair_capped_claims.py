@@ -63,7 +63,8 @@ BEGIN
                        AS lane,
                    count(*) FILTER (WHERE n.status = 0 AND NOT n.is_deleted)::integer
                        AS d_queued,
-                   count(*) FILTER (WHERE n.status = 1)::integer AS d_running,
+                   count(*) FILTER (WHERE n.status = 1 AND NOT n.is_deleted)::integer
+                       AS d_running,
                    min(n.created_at) FILTER (WHERE n.status = 0 AND NOT n.is_deleted)
                        AS since
             FROM new_rows n
@@ -80,7 +81,8 @@ BEGIN
                        AS lane,
                    -count(*) FILTER (WHERE o.status = 0 AND NOT o.is_deleted)::integer
                        AS d_queued,
-                   -count(*) FILTER (WHERE o.status = 1)::integer AS d_running
+                   -count(*) FILTER (WHERE o.status = 1 AND NOT o.is_deleted)::integer
+                       AS d_running
             FROM old_rows o
             GROUP BY 1
             HAVING count(*) FILTER (WHERE o.status IN (0, 1)) > 0
@@ -98,13 +100,13 @@ BEGIN
                 SELECT COALESCE(o.api_key_id, '00000000-0000-0000-0000-000000000000')
                            AS lane,
                        -(o.status = 0 AND NOT o.is_deleted)::integer AS d_queued,
-                       -(o.status = 1)::integer AS d_running,
+                       -(o.status = 1 AND NOT o.is_deleted)::integer AS d_running,
                        false AS served, NULL::timestamptz AS since
                 FROM old_rows o
                 UNION ALL
                 SELECT COALESCE(n.api_key_id, '00000000-0000-0000-0000-000000000000'),
                        (n.status = 0 AND NOT n.is_deleted)::integer,
-                       (n.status = 1)::integer,
+                       (n.status = 1 AND NOT n.is_deleted)::integer,
                        o.status = 0 AND n.status = 1,
                        CASE WHEN n.status = 0 AND NOT n.is_deleted
                             AND NOT (o.status = 0 AND NOT o.is_deleted)
@@ -132,11 +134,15 @@ BEGIN
 END
 $$;
 
+-- An upsert, not an UPDATE: a key's first job may be inserting its row in a
+-- transaction that read the old cap; the conflict makes one wait for the
+-- other, so the copy ends up equal to the committed cap either way.
 CREATE FUNCTION api_keys_mirror_max_running() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    UPDATE generation_key_queues SET max_running = NEW.max_running
-    WHERE api_key_id = NEW.id;
+    INSERT INTO generation_key_queues AS q (api_key_id, max_running)
+    VALUES (NEW.id, NEW.max_running)
+    ON CONFLICT (api_key_id) DO UPDATE SET max_running = EXCLUDED.max_running;
     RETURN NULL;
 END
 $$;
@@ -168,7 +174,7 @@ SELECT lane, queued, running, queued_since, last_served_at, k.max_running
 FROM (
     SELECT COALESCE(g.api_key_id, '00000000-0000-0000-0000-000000000000') AS lane,
            count(*) FILTER (WHERE g.status = 0 AND NOT g.is_deleted) AS queued,
-           count(*) FILTER (WHERE g.status = 1) AS running,
+           count(*) FILTER (WHERE g.status = 1 AND NOT g.is_deleted) AS running,
            min(g.created_at) FILTER (WHERE g.status = 0 AND NOT g.is_deleted)
                AS queued_since,
            max(g.started_at) AS last_served_at
