@@ -17,15 +17,19 @@ Rows are taken with ``FOR UPDATE SKIP LOCKED``: concurrent claimers never
 receive the same job and never wait for each other's jobs. The walk over
 keys is an index scan of ``generation_key_queues`` and each key's jobs an
 index scan of its lane (``generations_lane_*_idx``), so the cost does not
-grow with the backlog. A capped key's queue row is locked while its jobs are
-taken (``SKIP LOCKED`` too: a claimer that finds it locked goes on to the
-next key) and its ``running`` counter moves in the same transaction (the
-triggers of migration 0003), so two claims can never fill one free slot.
-Claims of one uncapped key do wait for each other's commit on that key's
-counter row, which is microseconds, never for a job.
+grow with the backlog. A capped key is taken by one claim at a time
+(``pg_try_advisory_xact_lock``, never waited for: a claimer that finds it
+taken goes on to the next key) and its ``running`` counter moves in the same
+transaction (the triggers of migration 0003); a claim whose snapshot missed
+another's commit is refused by the trigger's cap guard and tried again, so
+two claims can never fill one free slot. Claims of one uncapped key do wait
+for each other's commit on that key's counter row (the commit's WAL flush,
+plus the webhook deliveries written in the claim's transaction), never for
+a job.
 
 The SQL restates ``transition_values`` for the two transitions it makes;
-tests/test_claims_engine.py holds the two to the same rows.
+tests/test_status_machine.py and tests/test_claims_engine.py check the rows
+it writes.
 """
 
 from __future__ import annotations
