@@ -10,7 +10,8 @@ settings, the layout ``bench read`` uses), and in the same run:
 - the same at 8 workers with every job on **one key** (100 keys ÷ one key);
 - **batch claims** (``max=10``) at 8 workers (jobs/s);
 - claim **latency** p50, one client claiming one job at a time, at 1,000
-  queued jobs over 1,000 keys and at 100,000 over 1,000 keys;
+  queued jobs over 1,000 keys and at 100,000 over 1,000 keys, the two
+  alternated claim by claim;
 - a **capped** run: 10 of 50 keys with ``max_running=2``, 8 workers that
   claim batches and complete every job, a poller that counts running jobs
   per key all along: caps never exceeded, and every job completed once.
@@ -24,11 +25,21 @@ generate_series``: the triggers keep ``generation_key_queues`` right), large
 enough never to run dry (a 204 marks the round invalid). After every round:
 no job received twice, every job received is ``running`` with
 ``attempts = 1`` and the lease token its claim answered with, no other job
-is running, and no key runs more than its ``max_running``.
+is running (but the at most one claim per connection whose answer wrk cut
+off when its run ended), and no key runs more than its ``max_running``.
+Each row also gets the server's CPU per claim (gunicorn workers plus the
+PostgreSQL backends, as in ``bench read``), steadier than req/s on a shared
+machine. The two latency queues live in two scratch databases, one gunicorn
+each, so they can be sampled claim by claim in turn.
+
+``python -m bench.claims NAME=DIR NAME=DIR`` (``compare()``) runs single and
+batch claims on one gunicorn per checkout against one database: a
+before/after of the claim's code with everything else equal.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import logging
@@ -37,6 +48,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +64,8 @@ SPREAD_KEYS = 100  # keys sharing the queue in the throughput rows
 LATENCY_KEYS = 1_000
 LATENCY_QUEUES = (1_000, 100_000)
 WORKER_NAME = "bench"
+WARM_UP_CLAIMS = 20  # latency: untimed claims on each side first
+REFILL_EVERY = 100  # latency: claims from the small queue between refills
 
 # Targets (SPEC §9).
 SINGLE_TARGET = 0.5  # claims/s at 8 workers / bare req/s
@@ -66,7 +80,7 @@ class Schedule:
     duration: int  # seconds per wrk run
     single_jobs: int  # queued per single-claim round: more than a round takes
     batch_jobs: int
-    latency_samples: int  # per latency round (two rounds per queue size)
+    latency_samples: int  # per queue size
     latency_queues: tuple[int, int]
     latency_keys: int
     capped_jobs_per_key: int
@@ -77,7 +91,7 @@ FULL = Schedule(
     duration=2,
     single_jobs=6_000,
     batch_jobs=24_000,
-    latency_samples=150,
+    latency_samples=300,
     latency_queues=LATENCY_QUEUES,
     latency_keys=LATENCY_KEYS,
     capped_jobs_per_key=20,
@@ -87,7 +101,7 @@ SMOKE = Schedule(
     duration=1,
     single_jobs=2_000,
     batch_jobs=4_000,
-    latency_samples=10,
+    latency_samples=20,
     latency_queues=(100, 1_000),
     latency_keys=100,
     capped_jobs_per_key=3,
@@ -364,10 +378,15 @@ class Row:
     p50_ms: list[float] = field(default_factory=list)
     audit: Audit = field(default_factory=Audit)
     failed: int = 0
+    cpu_seconds: float = 0.0  # server side: gunicorn workers + backends
+    units: int = 0  # claims or jobs, whichever ``unit`` counts
 
-    def record(self, run: ClaimRun, checked: Audit) -> None:
-        rate = run.jobs_per_second if self.unit == "jobs/s" else run.claims_per_second
+    def record(self, run: ClaimRun, checked: Audit, cpu_seconds: float = 0.0) -> None:
+        jobs = self.unit == "jobs/s"
+        rate = run.jobs_per_second if jobs else run.claims_per_second
         self.rates.append(rate)
+        self.cpu_seconds += cpu_seconds
+        self.units += len(run.claims) if jobs else run.result.requests - run.empty
         self.p50_ms.append(run.result.p50_ms)
         self.audit.add(checked)
         self.failed += run.failed + run.result.errors
@@ -375,6 +394,11 @@ class Row:
     @property
     def rate(self) -> float:
         return statistics.median(self.rates)
+
+    @property
+    def cpu_ms(self) -> float:
+        """Server CPU per claim (per job for jobs/s)."""
+        return self.cpu_seconds * 1000 / self.units if self.units else 0.0
 
 
 def claim_once(
@@ -394,29 +418,78 @@ def claim_once(
     return response.status, response.read()
 
 
-def latency_round(port: int, raw_key: str, samples: int) -> tuple[list[float], Audit]:
-    """``samples`` sequential single claims from one client: ms each."""
-    connection = http.client.HTTPConnection(server.HOST, port, timeout=30)
-    times: list[float] = []
-    claims: list[tuple[str, str]] = []
-    empty = 0
+@contextlib.contextmanager
+def pointed_at(name: str) -> Iterator[None]:
+    """This process's Django ``default`` connection on database ``name``
+    for a while (the two latency queues live in two scratch databases)."""
+    from django.db import connections
+
+    settings_dict = connections["default"].settings_dict
+    previous = settings_dict["NAME"]
+    connections.close_all()
+    settings_dict["NAME"] = name
     try:
-        for sample in range(samples + 1):  # the first warms the connection up
-            started = time.perf_counter()
-            status, body = claim_once(connection, raw_key)
-            if sample:
-                times.append((time.perf_counter() - started) * 1000)
-            if status == 204:
-                empty += 1
-                continue
-            if status != 200:
-                raise RuntimeError(f"claim answered {status}: {body[:300]!r}")
-            claims += [
+        yield
+    finally:
+        connections.close_all()
+        settings_dict["NAME"] = previous
+
+
+@dataclass
+class Side:
+    """One queue of the latency comparison: its server, key and samples."""
+
+    port: int
+    raw_key: str
+    times: list[float] = field(default_factory=list)
+    claims: list[tuple[str, str]] = field(default_factory=list)
+    empty: int = 0
+    connection: http.client.HTTPConnection | None = None
+
+    def claim(self, *, timed: bool) -> None:
+        if self.connection is None:
+            self.connection = http.client.HTTPConnection(
+                server.HOST, self.port, timeout=30
+            )
+        started = time.perf_counter()
+        status, body = claim_once(self.connection, self.raw_key)
+        if timed:
+            self.times.append((time.perf_counter() - started) * 1000)
+        if status == 204:
+            self.empty += 1
+        elif status != 200:
+            raise RuntimeError(f"claim answered {status}: {body[:300]!r}")
+        else:
+            self.claims += [
                 (job["id"], job["lease_token"]) for job in json.loads(body)["jobs"]
             ]
-    finally:
-        connection.close()
-    return times, audit(claims, empty=empty)
+
+    def close(self) -> None:
+        if self.connection is not None:
+            self.connection.close()
+
+
+def latency_pair(small: Side, large: Side, samples: int, refill_small: Any) -> Audit:
+    """Sequential single claims, one client, alternating between the two
+    queues claim by claim (which goes first alternates too), so a burst of
+    other work on the machine hits both alike. The small queue is refilled
+    every ``REFILL_EVERY`` claims, so it stays between 90% and 100% full;
+    the large one loses 0.3% at most. Returns the small side's audit."""
+    checked = Audit()
+    for _ in range(WARM_UP_CLAIMS):  # connections, threads and keys warmed up
+        small.claim(timed=False)
+        large.claim(timed=False)
+    for sample in range(samples):
+        if sample and sample % REFILL_EVERY == 0:
+            checked.add(audit(small.claims, empty=small.empty))
+            small.claims, small.empty = [], 0
+            refill_small()
+        for side in (small, large) if sample % 2 else (large, small):
+            side.claim(timed=True)
+    checked.add(audit(small.claims, empty=small.empty))
+    small.close()
+    large.close()
+    return checked
 
 
 def explain(*, routed: bool) -> str:
@@ -578,102 +651,138 @@ def verdict(met: bool) -> str:
 
 
 def run(*, smoke: bool = False) -> bool:
+    from django.db import connection
 
     load_at_start = server.machine()
     plan = SMOKE if smoke else FULL
     wrk = ensure_wrk(smoke)
+    small_jobs, large_jobs = plan.latency_queues
     with server.scratch_database() as url:
-        raw_workers = make_workers(CONNECTIONS)
-        spread = make_keys(SPREAD_KEYS, "bench owner")
-        one_key = spread[:1]
-        bare = load.Target(
-            f"/bench/generations/{BARE_ID}", headers=server.PROXY_HEADERS
+        main = connection.settings_dict["NAME"]
+        # The large latency queue lives in a database of its own, so the
+        # two queue sizes can be sampled claim by claim.
+        with server.scratch_database() as large_url:
+            large = connection.settings_dict["NAME"]
+            large_worker = make_workers(1)[0]
+            refill(large_jobs, make_keys(plan.latency_keys, "bench owner"))
+            # The plans of one claim on the fresh large queue, both variants.
+            plans = {routed: explain(routed=routed) for routed in (False, True)}
+            with pointed_at(main):
+                rows = measure(plan, wrk, url, large_url, large_worker)
+            with pointed_at(large):
+                rows.large_audit = audit(rows.large.claims, empty=rows.large.empty)
+    return report(plan, rows, plans, load_at_start)
+
+
+@dataclass
+class Results:
+    describe: str
+    bare_rates: list[float]
+    singles: dict[int, Row]
+    one: Row
+    batch: Row
+    small: Side
+    large: Side
+    small_audit: Audit
+    capped: dict[str, Any]
+    bare_cpu: Row
+    large_audit: Audit = field(default_factory=Audit)
+
+
+def measure(
+    plan: Schedule, wrk: str, url: str, large_url: str, large_worker: str
+) -> Results:
+    from django.db import connection
+
+    raw_workers = make_workers(CONNECTIONS)
+    spread = make_keys(SPREAD_KEYS, "bench owner")
+    bare = load.Target(f"/bench/generations/{BARE_ID}", headers=server.PROXY_HEADERS)
+    singles = {
+        w: Row(f"max=1, {w} worker(s), {SPREAD_KEYS} keys", "claims/s") for w in WORKERS
+    }
+    one = Row(f"max=1, {CONNECTIONS} workers, one key", "claims/s")
+    batch = Row(f"max={BATCH}, {CONNECTIONS} workers, {SPREAD_KEYS} keys", "jobs/s")
+    bare_rates: list[float] = []
+    bare_cpu = Row("bare", "req/s")
+    database = connection.settings_dict["NAME"]
+    with server.gunicorn(url) as srv:
+
+        def cpu() -> float:
+            return server.server_cpu_seconds([srv], database)
+
+        refill(plan.single_jobs, spread)
+        server.expect(srv.port, "GET", bare.path, 200, headers=bare.headers)
+        # Warm up every worker process, thread and connection.
+        load.load(
+            srv.port,
+            bare.path,
+            headers=bare.headers,
+            connections=CONNECTIONS,
+            duration=1,
         )
-        singles = {
-            w: Row(f"max=1, {w} worker(s), {SPREAD_KEYS} keys", "claims/s")
-            for w in WORKERS
-        }
-        one = Row(f"max=1, {CONNECTIONS} workers, one key", "claims/s")
-        batch = Row(f"max={BATCH}, {CONNECTIONS} workers, {SPREAD_KEYS} keys", "jobs/s")
-        bare_rates: list[float] = []
-        with server.gunicorn(url) as srv:
+        wrk_claims(
+            wrk, srv.port, raw_workers, connections=CONNECTIONS, batch=1, seconds=1
+        )
+        sides: list[tuple[Row, int, int, list[str], int]] = [
+            *((singles[w], w, 1, spread, plan.single_jobs) for w in WORKERS),
+            (one, CONNECTIONS, 1, spread[:1], plan.single_jobs),
+            (batch, CONNECTIONS, BATCH, spread, plan.batch_jobs),
+        ]
+        for _ in range(plan.rounds):
             refill(plan.single_jobs, spread)
-            server.expect(srv.port, "GET", bare.path, 200, headers=bare.headers)
-            # Warm up every worker process, thread and connection.
-            load.load(
+            before = cpu()
+            result = load.load(
                 srv.port,
                 bare.path,
                 headers=bare.headers,
                 connections=CONNECTIONS,
-                duration=1,
+                duration=plan.duration,
             )
-            wrk_claims(
-                wrk, srv.port, raw_workers, connections=CONNECTIONS, batch=1, seconds=1
-            )
-            sides: list[tuple[Row, int, int, list[str], int]] = [
-                *((singles[w], w, 1, spread, plan.single_jobs) for w in WORKERS),
-                (one, CONNECTIONS, 1, one_key, plan.single_jobs),
-                (batch, CONNECTIONS, BATCH, spread, plan.batch_jobs),
-            ]
-            for _ in range(plan.rounds):
-                refill(plan.single_jobs, spread)
-                result = load.load(
+            bare_cpu.cpu_seconds += cpu() - before
+            bare_cpu.units += result.requests
+            bare_rates.append(result.rps)
+            for row, workers, size, keys, jobs in sides:
+                refill(jobs, keys)
+                before = cpu()
+                claimed = wrk_claims(
+                    wrk,
                     srv.port,
-                    bare.path,
-                    headers=bare.headers,
-                    connections=CONNECTIONS,
-                    duration=plan.duration,
+                    raw_workers,
+                    connections=workers,
+                    batch=size,
+                    seconds=plan.duration,
                 )
-                bare_rates.append(result.rps)
-                for row, workers, size, keys, jobs in sides:
-                    refill(jobs, keys)
-                    claimed = wrk_claims(
-                        wrk,
-                        srv.port,
-                        raw_workers,
-                        connections=workers,
-                        batch=size,
-                        seconds=plan.duration,
-                    )
-                    checked = audit(
-                        claimed.claims,
-                        empty=claimed.empty,
-                        in_flight=workers * size,
-                    )
-                    row.record(claimed, checked)
-            # Latency: 1,000 vs 100,000 queued over 1,000 keys, alternated.
-            latency_keys = spread + make_keys(
-                plan.latency_keys - SPREAD_KEYS, "bench owner"
+                spent = cpu() - before
+                checked = audit(
+                    claimed.claims, empty=claimed.empty, in_flight=workers * size
+                )
+                row.record(claimed, checked, spent)
+        # Latency: the small queue here, the large one on its own server.
+        small_keys = spread + make_keys(plan.latency_keys - SPREAD_KEYS, "bench owner")
+        small_jobs = plan.latency_queues[0]
+        refill(small_jobs, small_keys)
+        with server.gunicorn(large_url) as large_srv:
+            small = Side(srv.port, raw_workers[0])
+            large = Side(large_srv.port, large_worker)
+            small_audit = latency_pair(
+                small,
+                large,
+                plan.latency_samples,
+                lambda: refill(small_jobs, small_keys),
             )
-            latencies: dict[int, list[float]] = {
-                size: [] for size in plan.latency_queues
-            }
-            latency_audit = Audit()
-            for _ in range(2):
-                for size in plan.latency_queues:
-                    refill(size, latency_keys)
-                    times, checked = latency_round(
-                        srv.port, raw_workers[0], plan.latency_samples
-                    )
-                    latencies[size] += times
-                    latency_audit.add(checked)
-            # The plans of one claim at the large queue, both variants.
-            refill(plan.latency_queues[1], latency_keys)
-            plans = {routed: explain(routed=routed) for routed in (False, True)}
-            capped = capped_run(srv.port, raw_workers, plan.capped_jobs_per_key)
-            describe = srv.describe()
-    return report(
-        plan,
+        capped = capped_run(srv.port, raw_workers, plan.capped_jobs_per_key)
+        describe = srv.describe()
+    return Results(
         describe,
         bare_rates,
         singles,
         one,
         batch,
-        latencies,
-        latency_audit,
-        plans,
+        small,
+        large,
+        small_audit,
         capped,
-        load_at_start,
+        bare_cpu,
     )
 
 
@@ -684,17 +793,20 @@ def ratios(sides: list[float], baseline: list[float]) -> float:
 
 def report(
     plan: Schedule,
-    describe: str,
-    bare_rates: list[float],
-    singles: dict[int, Row],
-    one: Row,
-    batch: Row,
-    latencies: dict[int, list[float]],
-    latency_audit: Audit,
+    results: Results,
     plans: dict[bool, str],
-    capped: dict[str, Any],
     load_at_start: str,
 ) -> bool:
+    describe, bare_rates = results.describe, results.bare_rates
+    singles, one, batch = results.singles, results.one, results.batch
+    capped = results.capped
+    latencies = {
+        plan.latency_queues[0]: results.small.times,
+        plan.latency_queues[1]: results.large.times,
+    }
+    latency_audit = Audit()
+    latency_audit.add(results.small_audit)
+    latency_audit.add(results.large_audit)
     print(
         f"POST {CLAIM}, wrk on 127.0.0.1 ({plan.rounds} round(s) x {plan.duration} s "
         f"per row, rows alternated with the bare view, a fresh queue per round); "
@@ -704,8 +816,13 @@ def report(
     print(
         f"{'row':<34}{'rate':>9}  {'unit':<9}{'p50 ms':>8}{'/ bare':>8}"
         f"{'received':>10}{'dupes':>7}{'wrong':>7}{'cut':>7}{'204s':>6}{'errors':>8}"
+        f"{'CPU ms':>8}{'CPU ratio':>10}"
     )
-    print(f"{'bare Django view, 8 connections':<34}{bare:>9.0f}  {'req/s':<9}")
+    bare_cpu = results.bare_cpu.cpu_ms
+    print(
+        f"{'bare Django view, 8 connections':<34}{bare:>9.0f}  {'req/s':<9}"
+        f"{'':>8}{'':>8}{'':>10}{'':>7}{'':>7}{'':>7}{'':>6}{'':>8}{bare_cpu:>8.2f}"
+    )
     rows = [*singles.values(), one, batch]
     for row in rows:
         checked = row.audit
@@ -715,6 +832,7 @@ def report(
             f"{ratios(row.rates, bare_rates):>8.2f}"
             f"{checked.received:>10}{checked.duplicates:>7}{checked.mismatched:>7}"
             f"{checked.stray:>7}{checked.empty:>6}{row.failed:>8}"
+            f"{row.cpu_ms:>8.2f}{bare_cpu / row.cpu_ms if row.cpu_ms else 0:>10.2f}"
         )
     small, large = plan.latency_queues
     p50 = {size: statistics.median(times) for size, times in latencies.items()}
@@ -722,7 +840,8 @@ def report(
     for size in plan.latency_queues:
         print(
             f"latency, one client, max=1, {size:,} queued over {plan.latency_keys:,} "
-            f"keys: p50 {p50[size]:.2f} ms, p99 {p99[size]:.2f} ms "
+            "keys (alternated claim by claim with the other size): "
+            f"p50 {p50[size]:.2f} ms, p99 {p99[size]:.2f} ms "
             f"({len(latencies[size])} samples)"
         )
     print(
@@ -777,3 +896,117 @@ def report(
         print(text)
     print(f"machine: {load_at_start} at start, {server.machine()} at end")
     return exact and clean and all(met for _, _, met in targets)
+
+
+def compare(checkouts: dict[str, Path], *, rounds: int = 5, seconds: int = 2) -> None:
+    """Single (max=1) and batch (max=10) claims at 8 workers on one
+    gunicorn per checkout, one database, against the first one's bare view;
+    alternated round by round, each claims run on a fresh queue.
+    ``python -m bench.claims NAME=DIR NAME=DIR``: a before/after of the
+    claim's code with everything else equal."""
+    from django.db import connection
+
+    wrk = ensure_wrk(False)
+    with server.scratch_database() as url, contextlib.ExitStack() as stack:
+        database = connection.settings_dict["NAME"]
+        raw_workers = make_workers(CONNECTIONS)
+        spread = make_keys(SPREAD_KEYS, "bench owner")
+        servers = {
+            name: stack.enter_context(server.gunicorn(url, cwd=directory))
+            for name, directory in checkouts.items()
+        }
+        everyone = list(servers.values())
+        first = everyone[0]
+        bare = load.Target(
+            f"/bench/generations/{BARE_ID}", headers=server.PROXY_HEADERS
+        )
+        bare_row = Row("bare Django view", "req/s")
+        rows = {
+            (name, size): Row(
+                f"{name}, max={size}", "jobs/s" if size > 1 else "claims/s"
+            )
+            for name in servers
+            for size in (1, BATCH)
+        }
+        refill(plan_jobs(BATCH), spread)
+        for srv in everyone:  # warm up
+            wrk_claims(
+                wrk, srv.port, raw_workers, connections=CONNECTIONS, batch=1, seconds=1
+            )
+        load.load(
+            first.port,
+            bare.path,
+            headers=bare.headers,
+            connections=CONNECTIONS,
+            duration=1,
+        )
+        for _ in range(rounds):
+            before = server.server_cpu_seconds(everyone, database)
+            result = load.load(
+                first.port,
+                bare.path,
+                headers=bare.headers,
+                connections=CONNECTIONS,
+                duration=seconds,
+            )
+            bare_row.rates.append(result.rps)
+            bare_row.cpu_seconds += (
+                server.server_cpu_seconds(everyone, database) - before
+            )
+            bare_row.units += result.requests
+            for (name, size), row in rows.items():
+                refill(plan_jobs(size), spread)
+                before = server.server_cpu_seconds(everyone, database)
+                claimed = wrk_claims(
+                    wrk,
+                    servers[name].port,
+                    raw_workers,
+                    connections=CONNECTIONS,
+                    batch=size,
+                    seconds=seconds,
+                )
+                spent = server.server_cpu_seconds(everyone, database) - before
+                checked = audit(
+                    claimed.claims, empty=claimed.empty, in_flight=CONNECTIONS * size
+                )
+                row.record(claimed, checked, spent)
+    print(
+        f"claims at {CONNECTIONS} workers, one gunicorn per checkout, one database, "
+        f"{rounds} round(s) x {seconds} s, alternated; ratio = median over rounds "
+        "of rate / the bare view's req/s (first checkout); CPU = gunicorn "
+        "workers + PostgreSQL backends per claim (per job for jobs/s)"
+    )
+    print(
+        f"{'side':<24}{'rate':>9}  {'unit':<9}{'/ bare':>8}{'CPU ms':>8}"
+        f"{'CPU ratio':>10}  exact"
+    )
+    print(
+        f"{'bare Django view':<24}{bare_row.rate:>9.0f}  {'req/s':<9}{'':>8}"
+        f"{bare_row.cpu_ms:>8.2f}"
+    )
+    for row in rows.values():
+        print(
+            f"{row.label:<24}{row.rate:>9.0f}  {row.unit:<9}"
+            f"{ratios(row.rates, bare_row.rates):>8.2f}{row.cpu_ms:>8.2f}"
+            f"{bare_row.cpu_ms / row.cpu_ms:>10.2f}  "
+            f"{verdict(row.audit.exact and row.audit.empty == 0 and not row.failed)}"
+        )
+    print(f"machine: {server.machine()}")
+
+
+def plan_jobs(size: int) -> int:
+    return FULL.batch_jobs if size > 1 else FULL.single_jobs
+
+
+if __name__ == "__main__":
+    import sys
+
+    import bench
+
+    bench.setup_django()
+    compare(
+        {
+            name: Path(directory).resolve()
+            for name, directory in (arg.split("=", 1) for arg in sys.argv[1:])
+        }
+    )
