@@ -164,14 +164,29 @@ class MeasuredCheck(HealthCheck):
 
     ``metrics`` is not part of the check's repr or labels; the view publishes
     it as ``lockngen_<metrics_prefix>_<name>`` in OpenMetrics and under
-    ``metrics.<metrics_prefix>`` in JSON.
+    ``metrics.<metrics_prefix>`` in JSON. A gauge named in
+    ``metrics_labels`` holds one value per label value (a dict), published
+    as ``lockngen_<prefix>_<name>{<label>="<key>"}``.
     """
 
-    metrics: dict[str, float] = dataclasses.field(
+    metrics: dict[str, float | dict[str, float]] = dataclasses.field(
         default_factory=dict, init=False, repr=False, compare=False
     )
     metrics_prefix: ClassVar[str] = ""
     metrics_help: ClassVar[dict[str, str]] = {}
+    metrics_labels: ClassVar[dict[str, str]] = {}
+
+    def samples(self) -> Iterable[tuple[str, str, str, float]]:
+        """``(gauge name, label name, label value, value)`` of every sample;
+        label name and value are empty for an unlabelled gauge."""
+        for name, value in self.metrics.items():
+            gauge = f"lockngen_{self.metrics_prefix}_{name}"
+            if isinstance(value, dict):
+                label = self.metrics_labels[name]
+                for key, sample in sorted(value.items()):
+                    yield gauge, label, key, sample
+            else:
+                yield gauge, "", "", value
 
 
 @dataclasses.dataclass
@@ -373,7 +388,7 @@ class HealthView(HealthCheckView):
     def state(self) -> State:
         return overall_state(self.results)
 
-    def metrics(self) -> dict[str, dict[str, float]]:
+    def metrics(self) -> dict[str, dict[str, float | dict[str, float]]]:
         return {
             result.check.metrics_prefix: result.check.metrics
             for result in self.results
@@ -394,9 +409,10 @@ class HealthView(HealthCheckView):
                 {"result": result, "level": severity(result)} for result in self.results
             ],
             "metrics": [
-                (f"lockngen_{prefix}_{name}", value)
-                for prefix, values in self.metrics().items()
-                for name, value in values.items()
+                (f'{gauge}{{{label}="{key}"}}' if label else gauge, value)
+                for result in self.results
+                if isinstance(result.check, MeasuredCheck)
+                for gauge, label, key, value in result.check.samples()
             ],
         }
         return context
@@ -481,14 +497,20 @@ def openmetrics(results: list[HealthCheckResult], state: State) -> bytes:
     for result in results:
         check = result.check
         if isinstance(check, MeasuredCheck):
-            families += [
-                GaugeMetricFamily(
-                    f"lockngen_{check.metrics_prefix}_{name}",
-                    check.metrics_help.get(name, name),
-                    value=value,
-                )
-                for name, value in check.metrics.items()
-            ]
+            gauges: dict[str, GaugeMetricFamily] = {}
+            for name, value in check.metrics.items():
+                gauge = f"lockngen_{check.metrics_prefix}_{name}"
+                help_text = check.metrics_help.get(name, name)
+                if isinstance(value, dict):
+                    gauges[gauge] = GaugeMetricFamily(
+                        gauge, help_text, labels=[check.metrics_labels[name]]
+                    )
+                else:
+                    gauges[gauge] = GaugeMetricFamily(gauge, help_text, value=value)
+            for gauge, label, key, value in check.samples():
+                if label:
+                    gauges[gauge].add_metric([key], value)
+            families += gauges.values()
     registry = CollectorRegistry(auto_describe=False)
     registry.register(Collected(families))
     return openmetrics_exposition.generate_latest(registry)

@@ -146,6 +146,9 @@ def test_full_report_is_healthy_with_every_check_ok_and_queue_gauges(healthy):
         "oldest_queued_age_seconds",
         "running",
         "expired_leases",
+        "queued_per_model",
+        "oldest_queued_age_seconds_per_model",
+        "keys_at_cap",
     }
 
 
@@ -171,9 +174,15 @@ def test_openmetrics_publishes_the_queue_gauges(healthy):
         "lockngen_queue_oldest_queued_age_seconds",
         "lockngen_queue_running",
         "lockngen_queue_expired_leases",
+        "lockngen_queue_keys_at_cap",
     ):
         assert f"# TYPE {gauge} gauge" in text
         assert f"\n{gauge} " in text
+    for gauge in (  # labelled by model; no series while nothing is queued
+        "lockngen_queue_queued_per_model",
+        "lockngen_queue_oldest_queued_age_seconds_per_model",
+    ):
+        assert f"# TYPE {gauge} gauge" in text
     assert text.endswith("# EOF\n")
 
 

@@ -99,6 +99,9 @@ def test_empty_queue_reports_zero_age():
         "oldest_queued_age_seconds": 0.0,
         "running": 0,
         "expired_leases": 0,
+        "queued_per_model": {},
+        "oldest_queued_age_seconds_per_model": {},
+        "keys_at_cap": 0,
     }
 
 
