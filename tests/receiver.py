@@ -14,7 +14,7 @@ import ssl
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tests.serving import free_port
 
@@ -26,6 +26,9 @@ class Received:
     path: str
     headers: dict[str, str]  # lower-case names
     body: bytes
+    # When the body had been read (this process's monotonic clock): the
+    # webhook benchmark's arrival time.
+    arrived: float = field(default_factory=time.monotonic, compare=False)
 
 
 class Receiver:
