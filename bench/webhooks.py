@@ -58,8 +58,10 @@ RATE = 50  # completions per second (SPEC §9)
 SECONDS, SMOKE_SECONDS = 20, 3
 PACED_CONNECTIONS = 8  # enough for 50/s unless a complete takes > 160 ms
 CONNECTIONS = 8  # the throughput side's closed loop
-ROUND_JOBS, SMOKE_ROUND_JOBS = 1_000, 100
-ROUND_PAIRS, SMOKE_ROUND_PAIRS = 3, 1
+# Per round; a paused round must end well within the worker's 30 s
+# heartbeat timeout (--stalled-after), or its fetched jobs would be retried.
+ROUND_JOBS, SMOKE_ROUND_JOBS = 600, 100
+ROUNDS, SMOKE_ROUNDS = 3, 1
 CLAIM_BATCH = 50
 # The jobs' owners, round robin. Each complete also updates its owner's row
 # of generation_key_queues (a trigger): with one owner, concurrent completes
@@ -75,7 +77,9 @@ P50_TARGET, P99_TARGET, BACKLOG_TARGET, RATIO_TARGET = 0.050, 1.0, 2.0, 0.85
 CLAIM = "/api/v1/generations/claim"
 COMPLETE = "/api/v1/generations/{}/complete"
 WITH, WITHOUT = "with a webhook", "without"
-SHORT = {WITH: "W", WITHOUT: "-"}
+PAUSED = "with, worker paused"  # the request path's cost alone
+SIDES = (WITHOUT, WITH, PAUSED)
+SHORT = {WITH: "W", WITHOUT: "-", PAUSED: "P"}
 
 QUEUE_SQL = """
 INSERT INTO generations (id, prompt, status, created_at, attempts, is_deleted,
@@ -318,6 +322,18 @@ def closed_loop(
     return len(leased) / (time.perf_counter() - started), errors[0]
 
 
+def cpu_seconds(
+    srv: server.Server, worker: Worker, database: str
+) -> tuple[float, float]:
+    """CPU so far of gunicorn's workers and the database's backends, and of
+    the delivery worker's process (the receiver's, in this process, is not
+    counted)."""
+    return (
+        server.server_cpu_seconds([srv], database),
+        server.process_cpu_seconds(worker.process.pid),
+    )
+
+
 def settle(
     phase: Phase, receiver: object, since: int, secrets: dict[str, str]
 ) -> Phase:
@@ -400,6 +416,8 @@ def delivery_worker(url: str) -> Iterator[Worker]:
 
 
 def run(*, smoke: bool = False) -> bool:
+    from django.db import connection
+
     from apikeys.services import api_key_create
     from tests.receiver import Receiver
     from webhooks.services import webhook_secret_get
@@ -407,7 +425,7 @@ def run(*, smoke: bool = False) -> bool:
     load_at_start = server.machine()
     seconds = SMOKE_SECONDS if smoke else SECONDS
     round_jobs = SMOKE_ROUND_JOBS if smoke else ROUND_JOBS
-    pairs = SMOKE_ROUND_PAIRS if smoke else ROUND_PAIRS
+    rounds = SMOKE_ROUNDS if smoke else ROUNDS
     receiver = Receiver().start()
     try:
         with server.scratch_database() as url:
@@ -457,34 +475,53 @@ def run(*, smoke: bool = False) -> bool:
                     )
                     latency = settle(Phase(jobs=done), receiver, since, secret)
                 # Throughput with and without, alternated.
-                rps: dict[str, list[float]] = {WITH: [], WITHOUT: []}
+                database = connection.settings_dict["NAME"]
+                rps: dict[str, list[float]] = {side: [] for side in SIDES}
+                cpu: dict[str, list[tuple[float, ...]]] = {side: [] for side in SIDES}
                 throughput_errors = 0
                 checks: list[Phase] = [latency]
                 order = [
                     side
-                    for n in range(pairs)
-                    for side in ((WITHOUT, WITH) if n % 2 == 0 else (WITH, WITHOUT))
+                    for n in range(rounds)
+                    for side in (SIDES if n % 2 == 0 else SIDES[::-1])
                 ]
                 for side in order:
-                    webhook = receiver.url if side == WITH else None
-                    (rate, errors), since, leased = phase_of(
-                        webhook,
-                        round_jobs,
-                        lambda leased: closed_loop(port, headers, leased),
+                    webhook = None if side == WITHOUT else receiver.url
+                    queue(round_jobs, owners=owner_ids, webhook=webhook)
+                    leased = claim_all(port, headers, round_jobs)
+                    since = len(receiver.received)
+                    used = cpu_seconds(srv, worker, database)
+                    if side == PAUSED:
+                        worker.process.send_signal(signal.SIGSTOP)
+                    try:
+                        rate, errors = closed_loop(port, headers, leased)
+                    finally:
+                        if side == PAUSED:
+                            worker.process.send_signal(signal.SIGCONT)
+                    if webhook:
+                        jobs = dict.fromkeys((job for job, _ in leased), 0.0)
+                        checks.append(settle(Phase(jobs=jobs), receiver, since, secret))
+                    # Everything a complete cost, its delivery included.
+                    after = cpu_seconds(srv, worker, database)
+                    cpu[side].append(
+                        tuple(
+                            (b - a) / round_jobs * 1000
+                            for a, b in zip(used, after, strict=True)
+                        )
                     )
                     rps[side].append(rate)
                     throughput_errors += errors
-                    if side == WITH:
-                        jobs = dict.fromkeys((job for job, _ in leased), 0.0)
-                        checks.append(settle(Phase(jobs=jobs), receiver, since, secret))
                 describe = srv.describe()
                 worker_args = " ".join(worker.process.args[1:])
     finally:
         receiver.stop()
 
     errors = paced_errors + throughput_errors
-    ratios = [w / wo for w, wo in zip(rps[WITH], rps[WITHOUT], strict=True)]
-    ratio = statistics.median(ratios)
+    ratios = {
+        side: [a / b for a, b in zip(rps[side], rps[WITHOUT], strict=True)]
+        for side in (WITH, PAUSED)
+    }
+    ratio = statistics.median(ratios[WITH])
     p50 = percentile(latency.latencies, 50) if latency.latencies else float("inf")
     p99 = percentile(latency.latencies, 99) if latency.latencies else float("inf")
     worst = max(latency.latencies, default=float("inf"))
@@ -518,13 +555,19 @@ def run(*, smoke: bool = False) -> bool:
         f"throughput: {round_jobs} completes per round, {CONNECTIONS} keep-alive "
         f"connections, closed loop, rounds {' '.join(SHORT[side] for side in order)}"
     )
-    for side in (WITHOUT, WITH):
-        print(f"  {side:>16}: " + ", ".join(f"{r:.0f}" for r in rps[side]) + " req/s")
-    print(
-        "  with / without per pair: "
-        + ", ".join(f"{r:.2f}" for r in ratios)
-        + f"; median {ratio:.2f}"
-    )
+    for side in SIDES:
+        versus = (
+            f"; / without: {', '.join(f'{r:.2f}' for r in ratios[side])}, "
+            f"median {statistics.median(ratios[side]):.2f}"
+            if side in ratios
+            else ""
+        )
+        print(
+            f"  {side:>19}: {', '.join(f'{r:.0f}' for r in rps[side])} req/s; "
+            f"CPU ms/complete: server {statistics.median(c[0] for c in cpu[side]):.1f}"
+            f" + delivery worker {statistics.median(c[1] for c in cpu[side]):.1f}"
+            f"{versus}"
+        )
     print(
         f"deliveries checked: {deliveries} (every one signed, "
         f"standardwebhooks); missing {missing}, duplicates {duplicates}, "
