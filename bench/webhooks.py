@@ -32,6 +32,9 @@ measured request is a ``complete``.
   the owner key's secret); every completed job with a webhook has exactly
   one ``generation.completed`` delivery, ``delivered``, whose ``webhook-id``
   arrived at least once (duplicates counted and reported).
+
+``BENCH_WORKER_ARGS`` (e.g. ``--concurrency 20``) is passed to the delivery
+worker, to try its options; unset, it runs with its defaults, as deployed.
 """
 
 from __future__ import annotations
