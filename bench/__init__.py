@@ -59,6 +59,11 @@ BENCHMARKS = {
             "bench.scale:run",
         ),
         Benchmark(
+            "webhooks",
+            "complete -> receiver latency at 50/s, backlog, complete's cost",
+            "bench.webhooks:run",
+        ),
+        Benchmark(
             "write",
             "POST /api/v1/generations vs a bare Django view",
             "bench.paths:write",

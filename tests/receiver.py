@@ -14,7 +14,7 @@ import ssl
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tests.serving import free_port
 
@@ -26,6 +26,17 @@ class Received:
     path: str
     headers: dict[str, str]  # lower-case names
     body: bytes
+    # When the body had been read (this process's monotonic clock): the
+    # webhook benchmark's arrival time.
+    arrived: float = field(default_factory=time.monotonic, compare=False)
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    # socketserver's default listen backlog is 5: a burst of deliveries (the
+    # worker makes up to 10 at once, each on a new connection) overflowed it
+    # and an attempt failed to connect. A real receiver's is hundreds.
+    request_queue_size = 128
+    daemon_threads = True
 
 
 class Receiver:
@@ -41,7 +52,7 @@ class Receiver:
         self.port = port or free_port()
         self.received: list[Received] = []
         self._lock = threading.Lock()
-        self._server: http.server.ThreadingHTTPServer | None = None
+        self._server: _Server | None = None
         self._released = threading.Event()
 
     @property
@@ -76,10 +87,7 @@ class Receiver:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self._server = http.server.ThreadingHTTPServer(
-            ("127.0.0.1", self.port), Handler
-        )
-        self._server.daemon_threads = True
+        self._server = _Server(("127.0.0.1", self.port), Handler)
         if self.tls is not None:
 
             def record_sni(sock: ssl.SSLObject, name: str | None, context: object):

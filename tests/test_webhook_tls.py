@@ -85,3 +85,30 @@ def test_a_certificate_from_an_untrusted_ca_is_refused(ca):
         receiver.stop()
     assert not outcome.delivered
     assert "CERTIFICATE_VERIFY_FAILED" in outcome.status
+
+
+def test_without_a_context_attempts_share_one_that_trusts_the_public_roots(ca):
+    # Built once per process (building it parses the certifi bundle, ~90 ms),
+    # and as strict as httpx's own default.
+    shared = delivery.default_tls_context()
+    assert delivery.default_tls_context() is shared
+    assert shared.verify_mode == ssl.CERT_REQUIRED and shared.check_hostname
+    assert shared.cert_store_stats()["x509_ca"] > 100  # the public roots
+    for _ in range(2):  # a throwaway CA's certificate is not among them
+        receiver = tls_receiver(ca, HOST)
+        try:
+            outcome = delivery.attempt(
+                delivery_id="msg_tls",
+                url=f"https://{HOST}:{receiver.port}/hooks/lockngen",
+                body="{}",
+                secrets_=[delivery.new_secret()],
+                timeout=5,
+                require_https=True,
+                allow_private=True,
+                resolver=to_loopback,
+            )
+        finally:
+            receiver.stop()
+        assert "CERTIFICATE_VERIFY_FAILED" in outcome.status, outcome
+        assert receiver.received == []
+    assert delivery.default_tls_context() is shared

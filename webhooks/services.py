@@ -20,7 +20,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import Case, F, Q, Value, When
+from django.db.models import BooleanField, Case, ExpressionWrapper, F, Q, Value, When
 from django.db.models.functions import Now
 
 from apikeys.models import ApiKey
@@ -102,17 +102,28 @@ def webhook_secret_rotate(*, api_key: ApiKey) -> WebhookSecret:
     return secret
 
 
-def signing_secrets(*, api_key: ApiKey) -> list[str]:
+def signing_secrets(*, api_key_id: uuid.UUID) -> list[str]:
     """The secrets a delivery is signed with now: current, and previous while
-    the rotation's overlap lasts (the database clock decides)."""
-    secret = webhook_secret_get(api_key=api_key)
-    overlapping = WebhookSecret.objects.filter(
-        api_key=api_key,
-        rotated_at__gt=Now() - ROTATION_OVERLAP,
-    ).exclude(previous="")
-    if secret.previous and overlapping.exists():
-        return [secret.current, secret.previous]
-    return [secret.current]
+    the rotation's overlap lasts (the database clock decides).
+
+    One query per attempt (the overlap is computed in it); the secret is
+    created on the key's first delivery.
+    """
+    row = (
+        WebhookSecret.objects.filter(api_key_id=api_key_id)
+        .annotate(
+            overlapping=ExpressionWrapper(
+                Q(rotated_at__gt=Now() - ROTATION_OVERLAP), output_field=BooleanField()
+            )
+        )
+        .values_list("current", "previous", "overlapping")
+        .first()
+    )
+    if row is None:
+        secret = webhook_secret_get(api_key=ApiKey.objects.get(pk=api_key_id))
+        return [secret.current]
+    current, previous, overlapping = row
+    return [current, previous] if previous and overlapping else [current]
 
 
 # --- Emit (the outbox) ------------------------------------------------------
@@ -213,33 +224,37 @@ def delivery_attempt(
     pending does nothing (a duplicate job, or a redelivery already made it).
     Returns None when nothing was attempted.
     """
+    # Only what the attempt needs, in one query (the owner is the job's key).
     row = (
-        WebhookDelivery.objects.select_related("generation__api_key")
-        .filter(pk=delivery_id)
+        WebhookDelivery.objects.filter(pk=delivery_id)
+        .values("pk", "url", "payload", "state", "generation__api_key")
         .first()
     )
-    if row is None or (not redelivery and row.state != DeliveryState.PENDING):
+    if row is None or (not redelivery and row["state"] != DeliveryState.PENDING):
         return None
-    api_key = row.generation.api_key
     outcome = delivery.attempt(
-        delivery_id=str(row.pk),
-        url=row.url,
-        body=row.payload,
-        secrets_=signing_secrets(api_key=api_key),
+        delivery_id=str(row["pk"]),
+        url=row["url"],
+        body=row["payload"],
+        secrets_=signing_secrets(api_key_id=row["generation__api_key"]),
         timeout=settings.WEBHOOK_TIMEOUT,
         require_https=settings.PRODUCTION,
         allow_private=settings.WEBHOOK_ALLOW_PRIVATE,
         resolver=resolver,
     )
-    return _record(row.pk, outcome, redelivery=redelivery)
+    return _record(row["pk"], outcome, redelivery=redelivery)
 
 
 @transaction.atomic
 def _record(
     delivery_id: uuid.UUID, outcome: delivery.Outcome, *, redelivery: bool
 ) -> AttemptResult:
-    row = WebhookDelivery.objects.select_for_update().get(pk=delivery_id)
-    attempts = row.attempts + 1
+    row = (
+        WebhookDelivery.objects.select_for_update()
+        .values("attempts", "state", "next_attempt_at")
+        .get(pk=delivery_id)
+    )
+    attempts = row["attempts"] + 1
     retry_at: datetime | None = None
     delivered_at: Any = None
     if outcome.delivered:
@@ -248,9 +263,9 @@ def _record(
         state, next_at = DeliveryState.GONE, None
     elif redelivery:
         # One extra attempt: the schedule (if any is still running) goes on.
-        scheduled = row.state == DeliveryState.PENDING and row.next_attempt_at
+        scheduled = row["state"] == DeliveryState.PENDING and row["next_attempt_at"]
         state = DeliveryState.PENDING if scheduled else DeliveryState.FAILED
-        next_at = row.next_attempt_at if scheduled else None
+        next_at = row["next_attempt_at"] if scheduled else None
     else:
         delay = retry_delay(attempts)
         if delay is None:
