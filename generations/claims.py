@@ -18,11 +18,11 @@ receive the same job and never wait for each other's jobs. The walk over
 keys is an index scan of ``generation_key_queues`` and each key's jobs an
 index scan of its lane (``generations_lane_*_idx``), so the cost does not
 grow with the backlog. A capped key is taken by one claim at a time
-(``pg_try_advisory_xact_lock``, never waited for: a claimer that finds it
-taken goes on to the next key) and its ``running`` counter moves in the same
-transaction (the triggers of migration 0003); a claim whose snapshot missed
-another's commit is refused by the trigger's cap guard and tried again, so
-two claims can never fill one free slot. Claims of one uncapped key do wait
+(``pg_advisory_xact_lock``: claims of that one key wait for each other's
+commit, so every free slot is used) and its ``running`` counter moves in the
+same transaction (the triggers of migration 0003); a claim whose snapshot
+missed another's commit is refused by the trigger's cap guard and tried
+again, so two claims can never fill one free slot. Claims of one uncapped key do wait
 for each other's commit on that key's counter row (the commit's WAL flush,
 plus the webhook deliveries written in the claim's transaction), never for
 a job.
@@ -54,14 +54,14 @@ from generations.models import (
 logger = logging.getLogger(__name__)
 
 MAX_BATCH = 50
-# The first key of the claim's advisory locks (``pg_try_advisory_xact_lock``
+# The first key of the claim's advisory locks (``pg_advisory_xact_lock``
 # with two int4 keys: a space of its own, apart from one-bigint locks).
 ADVISORY_CLASS = 0x6C6B6E67  # "lkng"
 EXPIRED_SWEEP_BATCH = 100
 # A claim that lost a race for a capped key's last slot (the trigger refused
 # it) is tried again; the next try sees the key at its cap and skips it.
 # So is one the database cancelled to break a deadlock.
-CAP_RACE_RETRIES = 3
+CAP_RACE_RETRIES = 5
 
 _LANE = f"COALESCE(g.api_key_id, '{NO_KEY}'::uuid)"
 _EXPIRED = (
@@ -140,14 +140,18 @@ fair AS (
     SELECT job.id
     FROM generation_key_queues AS lanes
     -- A capped key is taken by one claim at a time: a transaction-scoped
-    -- advisory lock, tried without waiting (a key another claim holds is
-    -- skipped), and never a row lock, which would be taken out of the order
-    -- in which the triggers lock counter rows (deadlocks).
+    -- advisory lock (a second claim of that key waits for the first to
+    -- commit: both then start a job when two slots are free), never a row
+    -- lock, which would be taken out of the order in which the triggers
+    -- lock counter rows (deadlocks). The slots are read from this
+    -- statement's snapshot; the trigger refuses a claim that missed a
+    -- commit meanwhile and the claim is tried again.
     CROSS JOIN LATERAL (
         SELECT CASE
             WHEN lanes.max_running IS NULL THEN %(n)s
-            WHEN pg_try_advisory_xact_lock(
-                {ADVISORY_CLASS}, hashtext(lanes.api_key_id::text)
+            WHEN EXISTS (
+                SELECT pg_advisory_xact_lock(
+                    {ADVISORY_CLASS}, hashtext(lanes.api_key_id::text))
             ) THEN lanes.max_running - lanes.running
             ELSE 0
         END AS free
