@@ -118,6 +118,12 @@ class ApiKey(SoftDeleteModel):
         )
 
     @property
+    def runs_jobs(self) -> bool:
+        """Worker and admin keys: they claim jobs, report on them, and see
+        which worker holds one (SPEC §5)."""
+        return self.is_worker or self.is_admin
+
+    @property
     def is_active(self) -> bool:
         """``active_condition()`` as the database evaluates it.
 

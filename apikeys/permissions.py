@@ -53,7 +53,7 @@ class IsWorkerOrAdminKey(BasePermission):
 
     def has_permission(self, request: Request, view: Any) -> bool:
         key = _key(request)
-        return key is not None and (key.is_worker or key.is_admin)
+        return key is not None and key.runs_jobs
 
 
 class IsAdminKey(BasePermission):

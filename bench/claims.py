@@ -517,16 +517,14 @@ def explain(*, routed: bool) -> str:
     from django.conf import settings
     from django.db import connection, transaction
 
-    from generations.claims import CLAIM_ANY_MODEL, CLAIM_SOME_MODELS
+    from generations.claims import claim_statement
 
-    sql = CLAIM_SOME_MODELS if routed else CLAIM_ANY_MODEL
-    params = {
-        "n": 1,
-        "models": [MODELS[1]] if routed else None,
-        "worker": WORKER_NAME,
-        "lease": settings.LEASE_SECONDS,
-        "max_attempts": settings.MAX_ATTEMPTS,
-    }
+    sql, params = claim_statement(
+        max_jobs=1,
+        models=[MODELS[1]] if routed else None,
+        worker=WORKER_NAME,
+        max_attempts=settings.MAX_ATTEMPTS,
+    )
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute("EXPLAIN (ANALYZE, BUFFERS, TIMING OFF) " + sql, params)
         plan = "\n".join(row[0] for row in cursor.fetchall())

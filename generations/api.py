@@ -133,7 +133,7 @@ FLEET_HELP = "Worker and admin keys only."
 
 def generation_json(generation: Generation, *, fleet: bool = False) -> dict[str, Any]:
     """The API shape of a generation (SPEC §5); ``fleet`` for worker and
-    admin keys (``sees_the_fleet``)."""
+    admin keys (``ApiKey.runs_jobs``)."""
     body = {name: write(getattr(generation, name)) for name, write in OUTPUT.items()}
     if fleet:
         body |= {
@@ -141,10 +141,6 @@ def generation_json(generation: Generation, *, fleet: bool = False) -> dict[str,
             for name, write in FLEET_OUTPUT.items()
         }
     return body
-
-
-def sees_the_fleet(api_key: Any) -> bool:
-    return api_key.is_admin or api_key.is_worker
 
 
 def leased_json(generation: Generation) -> dict[str, Any]:
@@ -527,7 +523,7 @@ class GenerationViewSet(ApiViewSet):
 
     def json(self, generation: Generation) -> dict[str, Any]:
         """The generation as the calling key may see it."""
-        return generation_json(generation, fleet=sees_the_fleet(self.request.auth))
+        return generation_json(generation, fleet=self.request.auth.runs_jobs)
 
     def visible(self, id: str) -> Generation:
         """The generation with this id if the calling key may see it; else 404."""

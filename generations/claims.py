@@ -39,6 +39,8 @@ from collections.abc import Sequence
 
 from django.conf import settings
 from django.db import IntegrityError, OperationalError, connection, transaction
+from django.db.models import CharField, Value
+from django.db.models.functions import Cast, Concat
 from psycopg.errors import CheckViolation, DeadlockDetected
 
 from apikeys.models import ApiKey
@@ -58,6 +60,9 @@ MAX_BATCH = 50
 # with two int4 keys: a space of its own, apart from one-bigint locks).
 ADVISORY_CLASS = 0x6C6B6E67  # "lkng"
 EXPIRED_SWEEP_BATCH = 100
+# The error of a job whose lease expired with no attempts left, around its
+# attempt count (both paths write it).
+EXHAUSTED = ("lease expired after ", " attempt(s); no attempts left")
 # A claim that lost a race for a capped key's last slot (the trigger refused
 # it) is tried again; the next try sees the key at its cap and skips it.
 # So is one the database cancelled to break a deadlock.
@@ -106,8 +111,7 @@ WITH exhausted AS (
         lease_expires_at = NULL,
         lease_token = NULL,
         claimed_by = NULL,
-        error_message = 'lease expired after ' || g.attempts
-            || ' attempt(s); no attempts left'
+        error_message = %(exhausted_before)s || g.attempts || %(exhausted_after)s
     WHERE g.id IN (
         SELECT g.id FROM generations g
         WHERE {_EXPIRED} AND g.attempts >= %(max_attempts)s
@@ -228,14 +232,9 @@ def generation_claim(
     max_attempts = max_attempts or settings.MAX_ATTEMPTS
     if connection.vendor != "postgresql":
         return _claim_with_the_orm(max_jobs, models, worker, max_attempts)
-    params = {
-        "n": max_jobs,
-        "models": list(models) if models else None,
-        "worker": worker,
-        "lease": settings.LEASE_SECONDS,
-        "max_attempts": max_attempts,
-    }
-    sql = CLAIM_SOME_MODELS if models else CLAIM_ANY_MODEL
+    sql, params = claim_statement(
+        max_jobs=max_jobs, models=models, worker=worker, max_attempts=max_attempts
+    )
     for attempt in range(1, CAP_RACE_RETRIES + 1):
         try:
             with transaction.atomic():
@@ -250,6 +249,27 @@ def generation_claim(
     for job in failed:
         logger.warning("generation %s failed: lease expired", job.pk)
     return sorted(jobs, key=lambda job: (job.created_at, job.id))
+
+
+def claim_statement(
+    *,
+    max_jobs: int,
+    models: Sequence[str] | None,
+    worker: str | None,
+    max_attempts: int,
+) -> tuple[str, dict[str, object]]:
+    """The claim's SQL and its parameters (also what bench and the plan test
+    EXPLAIN)."""
+    params = {
+        "n": max_jobs,
+        "models": list(models) if models else None,
+        "worker": worker,
+        "lease": settings.LEASE_SECONDS,
+        "max_attempts": max_attempts,
+        "exhausted_before": EXHAUSTED[0],
+        "exhausted_after": EXHAUSTED[1],
+    }
+    return (CLAIM_SOME_MODELS if models else CLAIM_ANY_MODEL), params
 
 
 def _lost_a_race(exc: Exception) -> bool:
@@ -290,7 +310,11 @@ def _claim_with_the_orm(
         expired = Generation.objects.expired_leases()
         expired.filter(attempts__gte=max_attempts).update(
             **transition_values(Status.FAILED),
-            error_message="lease expired; no attempts left",
+            error_message=Concat(
+                Value(EXHAUSTED[0]),
+                Cast("attempts", output_field=CharField()),
+                Value(EXHAUSTED[1]),
+            ),
         )
         claimable = Generation.objects.select_related("api_key")
         if models:

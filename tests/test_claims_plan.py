@@ -16,7 +16,12 @@ import pytest
 from django.conf import settings
 from django.db import connection, transaction
 
-from generations.claims import CLAIM_ANY_MODEL, CLAIM_SOME_MODELS, generation_claim
+from generations.claims import (
+    CLAIM_ANY_MODEL,
+    CLAIM_SOME_MODELS,
+    claim_statement,
+    generation_claim,
+)
 from tests.factories import make_api_key
 
 pytestmark = pytest.mark.django_db
@@ -58,13 +63,10 @@ def big_queue():
 
 
 def plan_of(sql: str, models: list[str] | None) -> dict[str, Any]:
-    params = {
-        "n": 1,
-        "models": models,
-        "worker": "w",
-        "lease": settings.LEASE_SECONDS,
-        "max_attempts": settings.MAX_ATTEMPTS,
-    }
+    statement, params = claim_statement(
+        max_jobs=1, models=models, worker="w", max_attempts=settings.MAX_ATTEMPTS
+    )
+    assert statement == sql
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute("EXPLAIN (FORMAT JSON) " + sql, params)
         plan = cursor.fetchone()[0][0]["Plan"]
