@@ -166,9 +166,11 @@ def _fenced(
 
     The token is checked in the WHERE of the one UPDATE that changes the row,
     so no check-then-act can race with a re-claim. Inside the transaction the
-    UPDATE's row lock keeps the read-back equal to what was written.
+    UPDATE's row lock keeps the read-back equal to what was written. Inside
+    a caller's transaction (``_finish``, which writes the webhook event in
+    it) no savepoint is needed: nothing here is caught and retried.
     """
-    with transaction.atomic():
+    with transaction.atomic(savepoint=False):
         changed = Generation.objects.filter(
             pk=pk, lease_token=lease_token, status=Status.RUNNING
         ).update(**values)
