@@ -1,7 +1,8 @@
 """The claim (SPEC §5): expired leases first, then fair, capped, routed batches.
 
 One statement per claim on PostgreSQL, a fixed SQL string (the hot path of
-every worker; ``lockngen.rows`` says why not the ORM):
+every worker; ``lockngen.rows`` says why not the ORM), prepared once per
+connection and batch size (``claim_sql``, ``fetch_all_prepared``):
 
 1. expired leases with no attempts left fail;
 2. expired leases with attempts left, of the wanted models, are taken first;
