@@ -19,8 +19,9 @@ from lockngen.env import ConfigError, env_bool, env_int
 POSTGRES_ENGINES = {"django.db.backends.postgresql", "lockngen.db"}
 SQLITE_FALLBACK = Path("var") / "lockngen.sqlite3"
 APPLICATION_NAME = "lockngen"
-# psycopg's default; only cursors that bind on the server ever count towards it.
-PREPARE_THRESHOLD = 5
+# Prepare on the first run (psycopg's default is the sixth): only cursors that
+# bind on the server, lockngen.rows's, ever prepare.
+PREPARE_THRESHOLD = 0
 
 
 def redact_url(url: str) -> str:
@@ -101,9 +102,9 @@ def database_config(
         config["DISABLE_SERVER_SIDE_CURSORS"] = True
     else:
         # psycopg's prepared statements, which Django turns off for the sake
-        # of poolers: only the statements run with ``prepare=True``
-        # (lockngen.rows.fetch_all_prepared) use them, Django's own cursors
-        # bind on the client and never prepare.
+        # of poolers: only lockngen.rows.fetch_all_prepared's cursors bind on
+        # the server and use them; Django's own bind on the client and never
+        # prepare.
         options.setdefault("prepare_threshold", PREPARE_THRESHOLD)
         if statement_timeout_ms:
             options.setdefault(

@@ -35,7 +35,7 @@ def test_database_url_becomes_our_postgres_backend():
         "sslmode": "prefer",
         "application_name": "lockngen",
         "options": "-c statement_timeout=30000",
-        "prepare_threshold": 5,  # psycopg's, which Django turns off by default
+        "prepare_threshold": 0,  # psycopg's, which Django turns off by default
     }
     assert db["FALLBACK"] is False
 
