@@ -6,7 +6,8 @@ hash, the generation by its id) and the create endpoint's INSERT. Django
 compiles a queryset or an INSERT to SQL each time it runs, which costs more
 than the statement itself (docs/PERFORMANCE.md, "Read path", "Write path").
 A fixed string skips the compiler (the INSERT: one string per set of
-columns sent, built once); ``from_db`` is the public hook the ORM itself
+columns sent, built once), and as a prepared statement the server skips
+parsing and planning it too; ``from_db`` is the public hook the ORM itself
 builds instances with. Hand-written because no library does this for
 Django; PostgreSQL only (callers keep the ORM for the SQLite development
 fallback).
@@ -124,10 +125,11 @@ def insert_one(instance: M) -> M:
     receiver is skipped. Raises ``IntegrityError`` as ``save`` does.
 
     Only the columns whose value differs from what the database would fill
-    in are sent (a create sets about ten of ``generations``' 31 columns):
-    the stored row is the same, and each value left out is one conversion
-    and one bound parameter fewer. The row comes back whole (``RETURNING``
-    every column).
+    in are sent (a create sets eight to a dozen of ``generations``' 31
+    columns): the stored row is the same, and each value left out is one
+    conversion and one bound parameter fewer. The row comes back whole
+    (``RETURNING`` every column). A prepared statement
+    (``fetch_all_prepared``), one per set of columns sent.
     """
     model = type(instance)
     if signals.pre_save.has_listeners(model) or signals.post_save.has_listeners(model):
@@ -146,12 +148,7 @@ def insert_one(instance: M) -> M:
         field.get_db_prep_save(value, connection)
         for field, value in zip(fields, values, strict=True)
     ]
-    with (
-        transaction.mark_for_rollback_on_error(connection.alias),
-        connection.cursor() as cursor,
-    ):
-        cursor.execute(sql, params)
-        row = cursor.fetchone()
+    (row,) = fetch_all_prepared(sql, params)
     return model.from_db(connection.alias, attnames, row)
 
 

@@ -104,3 +104,21 @@ def test_insert_one_leaves_columns_at_their_default_to_the_database():
     assert defaults == {"id", "prompt", "width", "api_key_id"}
     # Equal but of another type: sent (it is never wrong to send a value).
     assert {"width", "is_deleted", "status"} <= other_types
+
+
+def prepared_statements() -> list[str]:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT statement FROM pg_prepared_statements")
+        return [statement for (statement,) in cursor.fetchall()]
+
+
+@pytest.mark.django_db
+def test_the_insert_is_a_prepared_statement_and_is_logged():
+    api_key, _ = make_api_key()
+    with CaptureQueriesContext(connection) as queries:
+        insert_one(Generation(api_key=api_key, **SENT))
+
+    assert any(s.startswith('INSERT INTO "generations"') for s in prepared_statements())
+    # Logged with its values, so query budgets count it.
+    (logged,) = (q["sql"] for q in queries)
+    assert logged.startswith('INSERT INTO "generations"') and "a lighthouse" in logged
