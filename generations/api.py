@@ -75,6 +75,7 @@ from lockngen.http.views import (
 from webhooks.fields import WebhookEventsFilterField, WebhookURLField
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
+IDEMPOTENCY_META_KEY = "HTTP_" + IDEMPOTENCY_HEADER.upper().replace("-", "_")
 IDEMPOTENCY_MAX_LENGTH = Generation._meta.get_field("idempotency_key").max_length
 STATUS_BY_NAME = {status.label: status for status in Status}
 
@@ -336,7 +337,8 @@ class GenerationFilterSerializer(StrictSerializer):
 
 
 def idempotency_key(request: Request) -> str | None:
-    value = request.headers.get(IDEMPOTENCY_HEADER)
+    # META, not ``request.headers``: that builds a dict of every header.
+    value = request.META.get(IDEMPOTENCY_META_KEY)
     if value is None:
         return None
     if not 0 < len(value) <= IDEMPOTENCY_MAX_LENGTH or not all(

@@ -5,8 +5,9 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import signals
+from django.test.utils import CaptureQueriesContext
 
 from generations.models import Generation
 from lockngen.rows import insert_one
@@ -61,3 +62,63 @@ def test_save_signal_receivers_are_not_skipped():
     finally:
         signals.post_save.disconnect(receiver, sender=Generation)
     assert seen == [SENT["prompt"]]
+
+
+def inserted_columns(sql: str) -> set[str]:
+    """The columns an ``INSERT INTO t (a, b) VALUES …`` names."""
+    names = sql.split("(", 1)[1].split(")", 1)[0]
+    return {name.strip().strip('"') for name in names.split(",")}
+
+
+# Values equal to the model's defaults, and the same defaults in another type.
+AS_DEFAULTS = {"name": "", "model": "sdxl", "width": 1024, "guidance": 7.5}
+OTHER_TYPES = {"width": 1024.0, "is_deleted": 0, "status": 0.0}
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "values", [AS_DEFAULTS, OTHER_TYPES], ids=["defaults", "defaults-in-other-types"]
+)
+def test_insert_one_stores_what_save_stores_for_default_values(values):
+    api_key, _ = make_api_key()
+    sent = {"prompt": "a lighthouse"} | values
+    by_save = Generation(api_key=api_key, **sent)
+    by_save.save(force_insert=True)
+
+    inserted = insert_one(Generation(api_key=api_key, **sent))
+
+    assert stored(inserted.pk) == stored(by_save.pk)
+
+
+@pytest.mark.django_db
+def test_insert_one_leaves_columns_at_their_default_to_the_database():
+    api_key, _ = make_api_key()
+    with CaptureQueriesContext(connection) as queries:
+        insert_one(
+            Generation(api_key=api_key, prompt="p", **AS_DEFAULTS | {"width": 512})
+        )
+        insert_one(Generation(api_key=api_key, prompt="p", **OTHER_TYPES))
+    defaults, other_types = (inserted_columns(q["sql"]) for q in queries)
+
+    # Only what the database cannot fill in the same way goes in the INSERT.
+    assert defaults == {"id", "prompt", "width", "api_key_id"}
+    # Equal but of another type: sent (it is never wrong to send a value).
+    assert {"width", "is_deleted", "status"} <= other_types
+
+
+def prepared_statements() -> list[str]:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT statement FROM pg_prepared_statements")
+        return [statement for (statement,) in cursor.fetchall()]
+
+
+@pytest.mark.django_db
+def test_the_insert_is_a_prepared_statement_and_is_logged():
+    api_key, _ = make_api_key()
+    with CaptureQueriesContext(connection) as queries:
+        insert_one(Generation(api_key=api_key, **SENT))
+
+    assert any(s.startswith('INSERT INTO "generations"') for s in prepared_statements())
+    # Logged with its values, so query budgets count it.
+    (logged,) = (q["sql"] for q in queries)
+    assert logged.startswith('INSERT INTO "generations"') and "a lighthouse" in logged
