@@ -27,7 +27,11 @@ measured request is a ``complete``.
   keep-alive connections in a closed loop, a fixed number of jobs per round,
   rounds alternated (without, with, with, without, …); each round waits for
   the deliveries of the one before to finish, so neither side pays for the
-  other's. Ratio = median over round pairs of with / without.
+  other's. Ratio = median over round pairs of with / without. CPU per
+  complete, from a round's start until its deliveries are done: the request
+  path (gunicorn's workers and their PostgreSQL backends) and the delivery
+  (the worker's process, and its backends, told apart by their
+  ``application_name``).
 - Correctness: every delivery's signature verified (``standardwebhooks``,
   the owner key's secret); every completed job with a webhook has exactly
   one ``generation.completed`` delivery, ``delivered``, whose ``webhook-id``
@@ -54,6 +58,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from bench import percentile, server
 
@@ -82,6 +87,7 @@ COMPLETE = "/api/v1/generations/{}/complete"
 WITH, WITHOUT = "with a webhook", "without"
 PAUSED = "with, worker paused"  # the request path's cost alone
 SIDES = (WITHOUT, WITH, PAUSED)
+WORKER_APPLICATION = "bench webhooks delivery worker"
 SHORT = {WITH: "W", WITHOUT: "-", PAUSED: "P"}
 
 QUEUE_SQL = """
@@ -116,16 +122,27 @@ class Phase:
     stray: int = 0  # arrivals for no job of this phase
 
 
+def with_application_name(url: str, name: str) -> str:
+    """``url`` whose connections carry ``application_name`` = ``name``."""
+    parts = urlsplit(url)
+    query = urlencode([*parse_qsl(parts.query), ("application_name", name)])
+    return urlunsplit(parts._replace(query=query))
+
+
 class Worker:
     """``manage.py deliver_webhooks`` as deployed (LISTEN/NOTIFY, its default
-    concurrency), on the scratch database; stopped with SIGTERM."""
+    concurrency), on the scratch database; stopped with SIGTERM.
+
+    Its connections (procrastinate's and Django's) carry their own
+    ``application_name``, so their backends' CPU is counted as the
+    delivery's, not as the request path's."""
 
     def __init__(self, url: str, log_path: Path):
         from tests.serving import process_env
 
         self.log_path = log_path
         self.env = process_env(
-            DATABASE_URL=url,
+            DATABASE_URL=with_application_name(url, WORKER_APPLICATION),
             LOCKNGEN_ENV="development",
             DEBUG="0",
             WEBHOOK_ALLOW_PRIVATE="1",
@@ -327,13 +344,16 @@ def closed_loop(
 
 def cpu_seconds(
     srv: server.Server, worker: Worker, database: str
-) -> tuple[float, float]:
-    """CPU so far of gunicorn's workers and the database's backends, and of
-    the delivery worker's process (the receiver's, in this process, is not
-    counted)."""
+) -> tuple[float, float, float]:
+    """CPU so far of the request path (gunicorn's workers and their
+    backends), of the delivery worker's process and of its backends (the
+    receiver's, in this process, is not counted)."""
     return (
-        server.server_cpu_seconds([srv], database),
+        server.server_cpu_seconds(
+            [srv], database, except_application=WORKER_APPLICATION
+        ),
         server.process_cpu_seconds(worker.process.pid),
+        server.backend_cpu_seconds(database, WORKER_APPLICATION),
     )
 
 
@@ -567,8 +587,10 @@ def run(*, smoke: bool = False) -> bool:
         )
         print(
             f"  {side:>19}: {', '.join(f'{r:.0f}' for r in rps[side])} req/s; "
-            f"CPU ms/complete: server {statistics.median(c[0] for c in cpu[side]):.1f}"
-            f" + delivery worker {statistics.median(c[1] for c in cpu[side]):.1f}"
+            f"CPU ms/complete: request path "
+            f"{statistics.median(c[0] for c in cpu[side]):.1f} + delivery: worker "
+            f"{statistics.median(c[1] for c in cpu[side]):.1f}, its backends "
+            f"{statistics.median(c[2] for c in cpu[side]):.1f}"
             f"{versus}"
         )
     print(
