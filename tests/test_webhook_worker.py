@@ -9,6 +9,7 @@ process and sees only committed rows.
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import subprocess
 import time
@@ -169,6 +170,22 @@ def open_jobs() -> int:
             "WHERE queue_name = 'webhooks' AND status IN ('todo', 'doing')"
         )
         return cursor.fetchone()[0]
+
+
+def test_a_committed_delivery_wakes_the_listening_worker(clean_queue, key):
+    """emit's one statement fires procrastinate's insert trigger: the NOTIFY
+    a LISTENing worker wakes on, sent when the transition commits."""
+    with psycopg.connect(clean_queue, autocommit=True) as listener:
+        listener.execute('LISTEN "procrastinate_queue_v1#webhooks"')
+        row = emit(make_generation(api_key=key), "http://x.invalid/")
+        notices = list(listener.notifies(timeout=WAIT_S, stop_after=1))
+        (job_id,) = listener.execute(
+            "SELECT id FROM procrastinate_jobs WHERE args ->> 'delivery_id' = %s",
+            [str(row.pk)],
+        ).fetchone()
+    assert [json.loads(notice.payload) for notice in notices] == [
+        {"type": "job_inserted", "job_id": job_id}
+    ]
 
 
 def test_start_and_completed_arrive_signed_with_the_owners_view(

@@ -22,6 +22,8 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import BooleanField, Case, ExpressionWrapper, F, Q, Value, When
 from django.db.models.functions import Now
+from procrastinate.jobs import Job
+from psycopg.types.json import Jsonb
 
 from apikeys.models import ApiKey
 from webhooks import delivery, guard
@@ -177,15 +179,93 @@ def emit(
         raise WebhooksUnavailable
     if not connection.in_atomic_block:
         raise RuntimeError("emit() must run inside the transition's transaction")
-    row = WebhookDelivery.objects.create(
-        generation=generation,
+    row = _write_outbox(
+        generation_id=generation.pk,
         event=event,
         url=url,
         payload=_payload(generation, event),
-        next_attempt_at=Now(),
     )
-    _queue(row.pk)
+    logger.debug("webhook %s queued: %s of %s", row.pk, event, generation.pk)
     return row
+
+
+# The delivery row and its procrastinate job in one statement (one round trip
+# on the transition's hot path instead of an ORM INSERT and procrastinate's
+# own defer query). The job goes through procrastinate's own SQL function,
+# ``procrastinate_defer_jobs_v1`` — what ``deliver.defer()`` runs, so its
+# triggers (the ``deferred`` event, the NOTIFY) fire as they would — with
+# the values of the job procrastinate's ``configure()`` builds (queue, task
+# name, priority, locks). The RETURNING list is the model's columns in field
+# order (``from_db``). tests/test_webhook_delivery.py checks that the row
+# equals the ORM's and the job equals ``deliver.defer()``'s.
+OUTBOX_SQL = """
+WITH delivery AS (
+    INSERT INTO webhook_deliveries
+        (id, generation_id, event, url, payload, state, attempts, last_status,
+         next_attempt_at)
+    VALUES (%s, %s, %s, %s, %s, %s, 0, '', STATEMENT_TIMESTAMP())
+    RETURNING id, generation_id, event, url, payload, created_at, state,
+              attempts, last_attempt_at, last_status, next_attempt_at,
+              delivered_at
+)
+SELECT delivery.*,
+       procrastinate_defer_jobs_v1(ARRAY[
+           ROW(%s, %s, %s, %s, %s, %s, %s)::procrastinate_job_to_defer_v1
+       ])
+FROM delivery
+"""
+OUTBOX_FIELDS = (
+    "id",
+    "generation_id",
+    "event",
+    "url",
+    "payload",
+    "created_at",
+    "state",
+    "attempts",
+    "last_attempt_at",
+    "last_status",
+    "next_attempt_at",
+    "delivered_at",
+)
+
+
+def delivery_job(delivery_id: uuid.UUID, *, redelivery: bool = False) -> Job:
+    """The delivery task's job for one delivery, as ``deliver.defer()`` builds it."""
+    from webhooks.tasks import deliver
+
+    return deliver.configure().make_new_job(
+        delivery_id=str(delivery_id), redelivery=redelivery
+    )
+
+
+def _write_outbox(
+    *, generation_id: uuid.UUID, event: str, url: str, payload: str
+) -> WebhookDelivery:
+    delivery_id = uuid.uuid4()
+    job = delivery_job(delivery_id)
+    params = [
+        delivery_id,
+        generation_id,
+        event,
+        url,
+        payload,
+        DeliveryState.PENDING,
+        job.queue,
+        job.task_name,
+        job.priority,
+        job.lock,
+        job.queueing_lock,
+        Jsonb(job.task_kwargs),
+        job.scheduled_at,
+    ]
+    with (
+        transaction.mark_for_rollback_on_error(),
+        connection.cursor() as cursor,
+    ):
+        cursor.execute(OUTBOX_SQL, params)
+        row = cursor.fetchone()
+    return WebhookDelivery.from_db(connection.alias, OUTBOX_FIELDS, row[:-1])
 
 
 def _queue(delivery_id: uuid.UUID, *, redelivery: bool = False) -> None:
