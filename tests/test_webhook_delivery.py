@@ -211,6 +211,19 @@ def test_a_delivery_is_signed_and_carries_the_owners_view_of_the_job(key, receiv
     assert row.delivered_at is not None and row.next_attempt_at is None
 
 
+def test_a_delivered_attempt_is_one_read_and_one_write(
+    key, receiver, django_assert_num_queries
+):
+    services.webhook_secret_get(api_key=key)  # made on the key's first delivery
+    row = emitted(make_generation(api_key=key), url=receiver.url)
+    with django_assert_num_queries(2):  # delivery + secrets; the UPDATE
+        result = services.delivery_attempt(delivery_id=row.pk)
+    assert result == services.AttemptResult(state="delivered", retry_at=None)
+    row.refresh_from_db()
+    assert (row.state, row.attempts, row.last_status) == ("delivered", 1, "200")
+    assert row.delivered_at == row.last_attempt_at is not None
+
+
 def test_a_tampered_body_does_not_verify(key, receiver):
     row = emitted(make_generation(api_key=key), url=receiver.url)
     services.delivery_attempt(delivery_id=row.pk)

@@ -108,8 +108,9 @@ def signing_secrets(*, api_key_id: uuid.UUID) -> list[str]:
     """The secrets a delivery is signed with now: current, and previous while
     the rotation's overlap lasts (the database clock decides).
 
-    One query per attempt (the overlap is computed in it); the secret is
-    created on the key's first delivery.
+    One query (the overlap is computed in it); the secret is created on the
+    key's first delivery. An attempt reads them with its delivery instead
+    (``ATTEMPT_SQL``).
     """
     row = (
         WebhookSecret.objects.filter(api_key_id=api_key_id)
@@ -124,7 +125,10 @@ def signing_secrets(*, api_key_id: uuid.UUID) -> list[str]:
     if row is None:
         secret = webhook_secret_get(api_key=ApiKey.objects.get(pk=api_key_id))
         return [secret.current]
-    current, previous, overlapping = row
+    return _signing(*row)
+
+
+def _signing(current: str, previous: str, overlapping: bool | None) -> list[str]:
     return [current, previous] if previous and overlapping else [current]
 
 
@@ -295,6 +299,34 @@ def retry_delay(attempts_made: int) -> float | None:
     return base * random.uniform(1 - JITTER, 1 + JITTER)  # noqa: S311 - jitter
 
 
+# What an attempt needs, in one statement: the delivery, its owner (the job's
+# key) and the owner's secrets with the rotation's overlap on the database
+# clock (no secret yet: the key's first delivery, NULLs). The join to
+# generations is the ORM's for ``generation__api_key`` (no soft-delete filter:
+# a deleted job's events are still delivered).
+ATTEMPT_SQL = """
+SELECT d.id, d.url, d.payload, d.state, g.api_key_id,
+       s.current, s.previous, s.rotated_at > STATEMENT_TIMESTAMP() - %s
+FROM webhook_deliveries d
+JOIN generations g ON g.id = d.generation_id
+LEFT JOIN webhook_secrets s ON s.api_key_id = g.api_key_id
+WHERE d.id = %s
+"""
+# A delivered or gone attempt does not depend on what the row held: one
+# UPDATE (its row lock orders it after a concurrent attempt's), no read.
+FINISHED_SQL = """
+UPDATE webhook_deliveries
+SET attempts = attempts + 1,
+    last_attempt_at = STATEMENT_TIMESTAMP(),
+    last_status = %s,
+    state = %s,
+    next_attempt_at = NULL,
+    delivered_at = CASE WHEN %s THEN STATEMENT_TIMESTAMP() ELSE delivered_at END
+WHERE id = %s
+RETURNING attempts
+"""
+
+
 def delivery_attempt(
     *, delivery_id: uuid.UUID | str, redelivery: bool = False, resolver: Any = None
 ) -> AttemptResult | None:
@@ -304,31 +336,58 @@ def delivery_attempt(
     pending does nothing (a duplicate job, or a redelivery already made it).
     Returns None when nothing was attempted.
     """
-    # Only what the attempt needs, in one query (the owner is the job's key).
-    row = (
-        WebhookDelivery.objects.filter(pk=delivery_id)
-        .values("pk", "url", "payload", "state", "generation__api_key")
-        .first()
-    )
-    if row is None or (not redelivery and row["state"] != DeliveryState.PENDING):
+    with connection.cursor() as cursor:
+        cursor.execute(ATTEMPT_SQL, [ROTATION_OVERLAP, delivery_id])
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    pk, url, body, state, api_key_id, current, previous, overlapping = row
+    if not redelivery and state != DeliveryState.PENDING:
         return None
     outcome = delivery.attempt(
-        delivery_id=str(row["pk"]),
-        url=row["url"],
-        body=row["payload"],
-        secrets_=signing_secrets(api_key_id=row["generation__api_key"]),
+        delivery_id=str(pk),
+        url=url,
+        body=body,
+        secrets_=(
+            signing_secrets(api_key_id=api_key_id)
+            if current is None
+            else _signing(current, previous, overlapping)
+        ),
         timeout=settings.WEBHOOK_TIMEOUT,
         require_https=settings.PRODUCTION,
         allow_private=settings.WEBHOOK_ALLOW_PRIVATE,
         resolver=resolver,
     )
-    return _record(row["pk"], outcome, redelivery=redelivery)
+    if outcome.delivered or outcome.gone:
+        return _record_finished(pk, outcome)
+    return _record_failure(pk, outcome, redelivery=redelivery)
+
+
+def _record_finished(
+    delivery_id: uuid.UUID, outcome: delivery.Outcome
+) -> AttemptResult:
+    state = DeliveryState.DELIVERED if outcome.delivered else DeliveryState.GONE
+    with (
+        transaction.mark_for_rollback_on_error(),
+        connection.cursor() as cursor,
+    ):
+        cursor.execute(
+            FINISHED_SQL,
+            [outcome.status[:100], state, outcome.delivered, delivery_id],
+        )
+        row = cursor.fetchone()
+    if row is None:  # deleted since it was read
+        raise WebhookDelivery.DoesNotExist(delivery_id)
+    _log_attempt(delivery_id, row[0], outcome, state)
+    return AttemptResult(state=state, retry_at=None)
 
 
 @transaction.atomic
-def _record(
+def _record_failure(
     delivery_id: uuid.UUID, outcome: delivery.Outcome, *, redelivery: bool
 ) -> AttemptResult:
+    """An attempt that did not reach a 2xx or 410: what comes next depends on
+    the attempts made and the schedule, read under the row's lock."""
     row = (
         WebhookDelivery.objects.select_for_update()
         .values("attempts", "state", "next_attempt_at")
@@ -336,12 +395,7 @@ def _record(
     )
     attempts = row["attempts"] + 1
     retry_at: datetime | None = None
-    delivered_at: Any = None
-    if outcome.delivered:
-        state, next_at, delivered_at = DeliveryState.DELIVERED, None, Now()
-    elif outcome.gone:
-        state, next_at = DeliveryState.GONE, None
-    elif redelivery:
+    if redelivery:
         # One extra attempt: the schedule (if any is still running) goes on.
         scheduled = row["state"] == DeliveryState.PENDING and row["next_attempt_at"]
         state = DeliveryState.PENDING if scheduled else DeliveryState.FAILED
@@ -358,7 +412,6 @@ def _record(
         last_status=outcome.status[:100],
         state=state,
         next_attempt_at=next_at,
-        delivered_at=delivered_at if delivered_at is not None else F("delivered_at"),
     )
     if state == DeliveryState.PENDING and not redelivery:
         retry_at = (
@@ -366,10 +419,16 @@ def _record(
             .values_list("next_attempt_at", flat=True)
             .get()
         )
+    _log_attempt(delivery_id, attempts, outcome, state)
+    return AttemptResult(state=state, retry_at=retry_at)
+
+
+def _log_attempt(
+    delivery_id: uuid.UUID, attempts: int, outcome: delivery.Outcome, state: str
+) -> None:
     logger.info(
         "webhook %s attempt %d: %s → %s", delivery_id, attempts, outcome.status, state
     )
-    return AttemptResult(state=state, retry_at=retry_at)
 
 
 @transaction.atomic
