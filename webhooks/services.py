@@ -3,8 +3,10 @@
 ``emit`` is called by a generation's transition inside the transition's
 transaction: the delivery row and procrastinate's job are written on the
 same connection, so they commit or roll back with the transition (the
-transactional outbox). The delivery task (``webhooks.tasks``) calls
-``delivery_attempt`` once per attempt.
+transactional outbox). The delivery workers are woken once the transaction
+has committed (``wake_after_commit``), not by a NOTIFY inside it. The
+delivery task (``webhooks.tasks``) calls ``delivery_attempt`` once per
+attempt.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import threading
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -23,6 +26,7 @@ from django.db import connection, transaction
 from django.db.models import BooleanField, Case, ExpressionWrapper, F, Q, Value, When
 from django.db.models.functions import Now
 from procrastinate.jobs import Job
+from procrastinate.manager import get_channel_for_queues
 from psycopg.types.json import Jsonb
 
 from apikeys.models import ApiKey
@@ -269,6 +273,8 @@ def _write_outbox(
     ):
         cursor.execute(OUTBOX_SQL, params)
         row = cursor.fetchone()
+    (job_id,) = row[-1]
+    wake_after_commit(job_id)
     return WebhookDelivery.from_db(connection.alias, OUTBOX_FIELDS, row[:-1])
 
 
@@ -277,7 +283,52 @@ def _queue(delivery_id: uuid.UUID, *, redelivery: bool = False) -> None:
 
     # procrastinate's Django connector: the INSERT into procrastinate_jobs runs
     # on this (Django's) connection, in the open transaction.
-    deliver.defer(delivery_id=str(delivery_id), redelivery=redelivery)
+    job_id = deliver.defer(delivery_id=str(delivery_id), redelivery=redelivery)
+    wake_after_commit(job_id)
+
+
+# --- Waking the delivery workers ----------------------------------------------
+
+# procrastinate's workers LISTEN on these channels (its own naming) and fetch
+# jobs when told a job was inserted. Its insert trigger would NOTIFY inside
+# the transition's transaction; PostgreSQL commits notifying transactions
+# one at a time, each through its WAL flush, so the transitions that carry a
+# webhook would commit single file (docs/PERFORMANCE.md, "Webhooks"). The
+# trigger is disabled (migration 0002) and the wake-up is sent here, after
+# the commit, in a transaction of its own. A wake-up lost to a crash between
+# the two only delays the delivery to the worker's next poll
+# (``deliver_webhooks --poll-interval``): the job itself is committed.
+QUEUE = "webhooks"  # the delivery task's queue (webhooks.tasks)
+WAKE_CHANNELS = (
+    *get_channel_for_queues([QUEUE]),
+    *get_channel_for_queues(None),
+)
+WAKE_SQL = "SELECT " + ", ".join(["pg_notify(%s, %s)"] * len(WAKE_CHANNELS))
+_wake = threading.local()  # per thread, as Django's connections are
+
+
+def wake_after_commit(job_id: int) -> None:
+    """Wake the delivery workers once the current transaction commits.
+
+    Called for every job written; one NOTIFY per commit however many: the
+    first of the transaction's callbacks sends it, the others find it sent.
+    A transaction that rolls back leaves the flag up, so the next commit
+    sends one, which it would anyway.
+    """
+    _wake.pending = True
+    transaction.on_commit(lambda: _wake_workers(job_id), robust=True)
+
+
+def _wake_workers(job_id: int) -> None:
+    if not getattr(_wake, "pending", False):
+        return
+    _wake.pending = False
+    payload = json.dumps({"type": "job_inserted", "job_id": job_id})
+    with connection.cursor() as cursor:
+        cursor.execute(
+            WAKE_SQL,
+            [value for channel in WAKE_CHANNELS for value in (channel, payload)],
+        )
 
 
 # --- Attempts -----------------------------------------------------------------
