@@ -303,7 +303,12 @@ WAKE_CHANNELS = (
     *get_channel_for_queues([QUEUE]),
     *get_channel_for_queues(None),
 )
-WAKE_SQL = "SELECT " + ", ".join(["pg_notify(%s, %s)"] * len(WAKE_CHANNELS))
+# A statement of its own (autocommit): a wake-up is no state, so its commit
+# need not wait for the WAL flush (``synchronous_commit`` off for that one
+# transaction): a wake-up lost to a crash is a poll's delay.
+WAKE_SQL = "SELECT set_config('synchronous_commit', 'off', true), " + ", ".join(
+    ["pg_notify(%s, %s)"] * len(WAKE_CHANNELS)
+)
 _wake = threading.local()  # per thread, as Django's connections are
 
 
