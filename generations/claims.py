@@ -1,7 +1,8 @@
 """The claim (SPEC §5): expired leases first, then fair, capped, routed batches.
 
 One statement per claim on PostgreSQL, a fixed SQL string (the hot path of
-every worker; ``lockngen.rows`` says why not the ORM):
+every worker; ``lockngen.rows`` says why not the ORM), prepared once per
+connection and batch size (``claim_sql``, ``fetch_all_prepared``):
 
 1. expired leases with no attempts left fail;
 2. expired leases with attempts left, of the wanted models, are taken first;
@@ -34,6 +35,7 @@ it writes.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 
@@ -52,6 +54,7 @@ from generations.models import (
     Status,
     transition_values,
 )
+from lockngen.rows import fetch_all_prepared
 
 logger = logging.getLogger(__name__)
 
@@ -125,19 +128,19 @@ reclaimed AS (
     SELECT g.id FROM generations g
     WHERE {_EXPIRED} AND g.attempts < %(max_attempts)s {{expired_models}}
     ORDER BY g.lease_expires_at, g.id
-    LIMIT %(n)s
+    LIMIT {{n}}
     FOR UPDATE OF g SKIP LOCKED
 ),
 share AS (
     -- An even share of the batch per key: the keys with work (of the wanted
     -- models), counted up to the batch size, in turn order.
-    SELECT CASE WHEN %(n)s = 1 THEN 1 ELSE ceil(%(n)s::numeric / GREATEST(1,
+    SELECT CASE WHEN {{n}} = 1 THEN 1 ELSE ceil({{n}}::numeric / GREATEST(1,
         (SELECT count(*) FROM (
             SELECT 1 FROM generation_key_queues AS lanes
             WHERE lanes.queued > 0
               AND (lanes.max_running IS NULL OR lanes.running < lanes.max_running)
               {{lane_has_models}}
-            LIMIT %(n)s) AS with_work)
+            LIMIT {{n}}) AS with_work)
     ))::integer END AS per_key
 ),
 fair AS (
@@ -152,7 +155,7 @@ fair AS (
     -- commit meanwhile and the claim is tried again.
     CROSS JOIN LATERAL (
         SELECT CASE
-            WHEN lanes.max_running IS NULL THEN %(n)s
+            WHEN lanes.max_running IS NULL THEN {{n}}
             WHEN EXISTS (
                 SELECT pg_advisory_xact_lock(
                     {ADVISORY_CLASS}, hashtext(lanes.api_key_id::text))
@@ -167,12 +170,12 @@ fair AS (
     ORDER BY {_TURN_OF_LANES}
     -- A constant, so the keys are walked in index order and only as far as
     -- needed (a limit the planner cannot see makes it sort every key).
-    LIMIT %(n)s
+    LIMIT {{n}}
 ),
 picked AS (
     SELECT id FROM reclaimed
     UNION ALL
-    (SELECT id FROM fair LIMIT %(n)s - (SELECT count(*) FROM reclaimed))
+    (SELECT id FROM fair LIMIT {{n}} - (SELECT count(*) FROM reclaimed))
 ),
 claimed AS (
     UPDATE generations AS g SET
@@ -199,7 +202,18 @@ _LANE_HAS_MODELS = f"""AND EXISTS (
                   AND g.status = 0 AND NOT g.is_deleted)"""  # noqa: S608
 
 
-def _claim_sql(*, routed: bool) -> str:
+@functools.cache
+def claim_sql(*, routed: bool, max_jobs: int) -> str:
+    """The claim's statement for a batch size, with the size written in it.
+
+    The claim runs as a prepared statement (``fetch_all_prepared``), planned
+    once per connection for all parameter values: a ``LIMIT`` the planner
+    cannot see would make it plan for a tenth of the keys and sort them
+    (docs/PERFORMANCE.md, "Claims"), so the batch size, 1..50, is a constant
+    of the statement, one prepared statement per size a worker uses.
+    """
+    if not 1 <= max_jobs <= MAX_BATCH:
+        raise ValueError(f"max_jobs must be 1..{MAX_BATCH}")
     fields = Generation._meta.concrete_fields
     return _CLAIM.format(
         expired_models="AND g.model = ANY(%(models)s::varchar[])" if routed else "",
@@ -207,11 +221,10 @@ def _claim_sql(*, routed: bool) -> str:
         lane_jobs=_SOME_MODELS if routed else _ANY_MODEL,
         returning=", ".join(f"g.{field.column}" for field in fields),
         columns=", ".join(field.column for field in fields),
+        n=int(max_jobs),
     )
 
 
-CLAIM_ANY_MODEL = _claim_sql(routed=False)
-CLAIM_SOME_MODELS = _claim_sql(routed=True)
 _ATTNAMES = tuple(f.attname for f in Generation._meta.concrete_fields)
 
 
@@ -261,7 +274,6 @@ def claim_statement(
     """The claim's SQL and its parameters (also what bench and the plan test
     EXPLAIN)."""
     params = {
-        "n": max_jobs,
         "models": list(models) if models else None,
         "worker": worker,
         "lease": settings.LEASE_SECONDS,
@@ -269,7 +281,7 @@ def claim_statement(
         "exhausted_before": EXHAUSTED[0],
         "exhausted_after": EXHAUSTED[1],
     }
-    return (CLAIM_SOME_MODELS if models else CLAIM_ANY_MODEL), params
+    return claim_sql(routed=bool(models), max_jobs=max_jobs), params
 
 
 def _lost_a_race(exc: Exception) -> bool:
@@ -288,11 +300,9 @@ def _run_claim(
     """The jobs claimed, and those failed for running out of attempts."""
     claimed: list[Generation] = []
     failed: list[Generation] = []
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        for is_claimed, *values in cursor.fetchall():
-            job = Generation.from_db(connection.alias, _ATTNAMES, values)
-            (claimed if is_claimed else failed).append(job)
+    for is_claimed, *values in fetch_all_prepared(sql, params):
+        job = Generation.from_db(connection.alias, _ATTNAMES, values)
+        (claimed if is_claimed else failed).append(job)
     return claimed, failed
 
 

@@ -19,6 +19,9 @@ from lockngen.env import ConfigError, env_bool, env_int
 POSTGRES_ENGINES = {"django.db.backends.postgresql", "lockngen.db"}
 SQLITE_FALLBACK = Path("var") / "lockngen.sqlite3"
 APPLICATION_NAME = "lockngen"
+# Prepare on the first run (psycopg's default is the sixth): only cursors that
+# bind on the server, lockngen.rows's, ever prepare.
+PREPARE_THRESHOLD = 0
 
 
 def redact_url(url: str) -> str:
@@ -97,8 +100,16 @@ def database_config(
         # know and cannot keep a server-side cursor across transactions: the
         # statement timeout is set on the database role instead.
         config["DISABLE_SERVER_SIDE_CURSORS"] = True
-    elif statement_timeout_ms:
-        options.setdefault("options", f"-c statement_timeout={statement_timeout_ms}")
+    else:
+        # psycopg's prepared statements, which Django turns off for the sake
+        # of poolers: only lockngen.rows.fetch_all_prepared's cursors bind on
+        # the server and use them; Django's own bind on the client and never
+        # prepare.
+        options.setdefault("prepare_threshold", PREPARE_THRESHOLD)
+        if statement_timeout_ms:
+            options.setdefault(
+                "options", f"-c statement_timeout={statement_timeout_ms}"
+            )
 
     if pooled:
         threads = env_int(env, "GUNICORN_THREADS", 4, minimum=1)

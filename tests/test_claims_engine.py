@@ -481,3 +481,30 @@ def test_a_cap_set_while_a_keys_first_jobs_are_queued_holds():
 
     assert KeyQueue.objects.get(pk=key.pk).max_running == 1
     assert len(generation_claim(max_jobs=10)) == 1
+
+
+# --- The claim is a prepared statement ----------------------------------------
+
+
+def prepared_claims() -> list[tuple[int, int]]:
+    """(generic_plans, custom_plans) of this connection's prepared claims."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT generic_plans, custom_plans FROM pg_prepared_statements"
+            " WHERE statement LIKE %s",
+            ["%WITH exhausted AS%"],
+        )
+        return cursor.fetchall()
+
+
+def test_a_claim_is_prepared_once_per_connection_and_then_only_executed(owner_key):
+    queue(owner_key[0], 12)
+
+    for _ in range(10):
+        assert len(generation_claim(max_jobs=1)) == 1
+
+    (plans,) = prepared_claims()
+    assert sum(plans) == 10
+    assert plans[0] > 0, "PostgreSQL never settled on one plan for every value"
+    generation_claim(max_jobs=2)  # another batch size, its own statement
+    assert len(prepared_claims()) == 2

@@ -10,18 +10,14 @@ of 100,000 rows, so a sequential scan is never close.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
 from django.conf import settings
 from django.db import connection, transaction
 
-from generations.claims import (
-    CLAIM_ANY_MODEL,
-    CLAIM_SOME_MODELS,
-    claim_statement,
-    generation_claim,
-)
+from generations.claims import claim_sql, claim_statement, generation_claim
 from tests.factories import make_api_key
 
 pytestmark = pytest.mark.django_db
@@ -62,16 +58,44 @@ def big_queue():
         cursor.execute("ANALYZE generations, generation_key_queues")
 
 
-def plan_of(sql: str, models: list[str] | None) -> dict[str, Any]:
+def plan_of(sql: str, models: list[str] | None, *, generic: bool) -> dict[str, Any]:
+    """The claim's plan: for these values (``generic=False``), or the one
+    plan a prepared claim may reuse for every value (``generic=True``)."""
     statement, params = claim_statement(
         max_jobs=1, models=models, worker="w", max_attempts=settings.MAX_ATTEMPTS
     )
     assert statement == sql
     with transaction.atomic(), connection.cursor() as cursor:
-        cursor.execute("EXPLAIN (FORMAT JSON) " + sql, params)
-        plan = cursor.fetchone()[0][0]["Plan"]
+        if generic:
+            text, values = numbered(sql, params)
+            cursor.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+            cursor.execute(f"PREPARE claim_plan AS {text}")
+            try:
+                arguments = ", ".join(["%s"] * len(values))
+                cursor.execute(
+                    f"EXPLAIN (FORMAT JSON) EXECUTE claim_plan({arguments})", values
+                )
+                plan = cursor.fetchone()[0][0]["Plan"]
+            finally:
+                cursor.execute("DEALLOCATE claim_plan")
+        else:
+            cursor.execute("EXPLAIN (FORMAT JSON) " + sql, params)
+            plan = cursor.fetchone()[0][0]["Plan"]
         transaction.set_rollback(True)
     return plan
+
+
+def numbered(sql: str, params: dict[str, Any]) -> tuple[str, list[Any]]:
+    """``sql`` with ``$1, $2, …`` for its named placeholders, as PREPARE takes it."""
+    names: list[str] = []
+
+    def number(match: re.Match[str]) -> str:
+        if match[1] not in names:
+            names.append(match[1])
+        return f"${names.index(match[1]) + 1}"
+
+    text = re.sub(r"%\((\w+)\)s", number, sql).replace("%%", "%")
+    return text, [params[name] for name in names]
 
 
 def nodes(node: dict[str, Any]):
@@ -96,13 +120,17 @@ def unbounded_generations_below(node: dict[str, Any]) -> bool:
 
 @pytest.mark.parametrize(
     ("sql", "models"),
-    [(CLAIM_ANY_MODEL, None), (CLAIM_SOME_MODELS, ["flux-dev"])],
+    [
+        (claim_sql(routed=False, max_jobs=1), None),
+        (claim_sql(routed=True, max_jobs=1), ["flux-dev"]),
+    ],
     ids=["any-model", "routed"],
 )
+@pytest.mark.parametrize("generic", [False, True], ids=["custom", "generic"])
 def test_the_claim_reads_jobs_through_indexes_and_sorts_no_backlog(
-    big_queue, sql, models
+    big_queue, sql, models, generic
 ):
-    plan = plan_of(sql, models)
+    plan = plan_of(sql, models, generic=generic)
     scans = [node for node in nodes(plan) if reads_generations(node)]
     assert scans
     assert not [scan for scan in scans if scan["Node Type"] == "Seq Scan"], scans

@@ -35,6 +35,7 @@ def test_database_url_becomes_our_postgres_backend():
         "sslmode": "prefer",
         "application_name": "lockngen",
         "options": "-c statement_timeout=30000",
+        "prepare_threshold": 0,  # psycopg's, which Django turns off by default
     }
     assert db["FALLBACK"] is False
 
@@ -95,6 +96,9 @@ def test_pgbouncer_mode_sends_no_startup_options_and_no_server_side_cursors():
     assert "options" not in db["OPTIONS"]
     assert db["DISABLE_SERVER_SIDE_CURSORS"] is True
     assert db["OPTIONS"]["application_name"] == "lockngen"
+    # Django then turns psycopg's prepared statements off: a statement
+    # prepared on one server connection is unknown on the next.
+    assert "prepare_threshold" not in db["OPTIONS"]
 
 
 @pytest.mark.sqlite_smoke
