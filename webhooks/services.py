@@ -30,6 +30,7 @@ from procrastinate.manager import get_channel_for_queues
 from psycopg.types.json import Jsonb
 
 from apikeys.models import ApiKey
+from lockngen.rows import fetch_all_prepared
 from webhooks import delivery, guard
 from webhooks.models import (
     EVENT_BY_FILTER_NAME,
@@ -218,7 +219,8 @@ WITH delivery AS (
 )
 SELECT delivery.*,
        procrastinate_defer_jobs_v1(ARRAY[
-           ROW(%s, %s, %s, %s, %s, %s, %s)::procrastinate_job_to_defer_v1
+           ROW(%s::varchar, %s::varchar, %s::integer, %s::text, %s::text,
+               %s::jsonb, %s::timestamptz)::procrastinate_job_to_defer_v1
        ])
 FROM delivery
 """
@@ -267,12 +269,8 @@ def _write_outbox(
         Jsonb(job.task_kwargs),
         job.scheduled_at,
     ]
-    with (
-        transaction.mark_for_rollback_on_error(),
-        connection.cursor() as cursor,
-    ):
-        cursor.execute(OUTBOX_SQL, params)
-        row = cursor.fetchone()
+    # A prepared statement: every transition with a webhook runs it.
+    (row,) = fetch_all_prepared(OUTBOX_SQL, params)
     (job_id,) = row[-1]
     wake_after_commit(job_id)
     return WebhookDelivery.from_db(connection.alias, OUTBOX_FIELDS, row[:-1])
