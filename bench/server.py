@@ -246,26 +246,58 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
 
 
-def server_cpu_seconds(servers: list[Server], database: str) -> float:
+def server_cpu_seconds(
+    servers: list[Server], database: str, *, except_application: str | None = None
+) -> float:
     """CPU used so far by the servers' gunicorn workers and by every other
-    PostgreSQL backend on ``database`` (the benchmark's own excluded).
+    PostgreSQL backend on ``database`` (the benchmark's own excluded, and
+    those whose ``application_name`` is ``except_application``: another
+    process's, counted by ``backend_cpu_seconds``).
 
     Sampled around each load run it gives the server side's CPU per request,
     which other work on a shared machine does not skew the way it skews
     requests/s. Backends that exit during a run (``DB_CONN_MAX_AGE=0``)
     take their CPU with them.
     """
+    pids = [pid for srv in servers for pid in worker_pids(srv)]
+    pids += backend_pids(database, except_application=except_application)
+    return sum(process_cpu_seconds(pid) for pid in pids)
+
+
+def backend_cpu_seconds(database: str, application_name: str) -> float:
+    """CPU used so far by the backends on ``database`` of one application
+    (e.g. the delivery worker's, which connects as its own name)."""
+    return sum(
+        process_cpu_seconds(pid)
+        for pid in backend_pids(database, application_name=application_name)
+    )
+
+
+def backend_pids(
+    database: str,
+    *,
+    application_name: str | None = None,
+    except_application: str | None = None,
+) -> list[int]:
+    """The PostgreSQL backends on ``database`` (the benchmark's own excluded),
+    all, of one ``application_name``, or all but one."""
     from django.db import connection
 
     with connection.cursor() as cursor:
         cursor.execute(
             "SELECT pid FROM pg_stat_activity "
-            "WHERE datname = %s AND pid <> pg_backend_pid()",
-            [database],
+            "WHERE datname = %s AND pid <> pg_backend_pid() "
+            "AND (%s::text IS NULL OR application_name = %s) "
+            "AND (%s::text IS NULL OR application_name IS DISTINCT FROM %s)",
+            [
+                database,
+                application_name,
+                application_name,
+                except_application,
+                except_application,
+            ],
         )
-        backends = [row[0] for row in cursor.fetchall()]
-    pids = [pid for srv in servers for pid in worker_pids(srv)] + backends
-    return sum(process_cpu_seconds(pid) for pid in pids)
+        return [row[0] for row in cursor.fetchall()]
 
 
 def worker_pids(server: Server) -> list[int]:

@@ -4,6 +4,7 @@ send time. The worker itself runs in tests/test_webhook_worker.py."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -72,6 +73,69 @@ def test_emit_writes_the_delivery_and_its_job_in_the_callers_transaction(key):
     row = emitted(generation, "generation.start")
     assert WebhookDelivery.objects.get().pk == row.pk
     assert queued_jobs() == before + 1
+
+
+JOB_COLUMNS = (
+    "queue_name, task_name, priority, lock, queueing_lock, args, status, "
+    "scheduled_at, attempts, abort_requested, worker_id"
+)
+
+
+def test_emits_one_statement_writes_what_the_orm_and_deliver_defer_would(key):
+    from webhooks.tasks import deliver
+
+    generation = make_generation(api_key=key)
+    with transaction.atomic():
+        row = services.emit(generation, "generation.completed", url="http://x.invalid/")
+        # The job procrastinate's own defer writes for the same delivery.
+        deliver.defer(delivery_id=str(row.pk), redelivery=False)
+
+    stored = WebhookDelivery.objects.get(pk=row.pk)
+    fields = [field.attname for field in WebhookDelivery._meta.concrete_fields]
+    assert {f: getattr(row, f) for f in fields} == {
+        f: getattr(stored, f) for f in fields
+    }
+    assert (row.generation_id, row.event, row.url) == (
+        generation.pk,
+        "generation.completed",
+        "http://x.invalid/",
+    )
+    assert (row.state, row.attempts, row.last_status) == ("pending", 0, "")
+    assert row.next_attempt_at == row.created_at  # both the statement's clock
+    body = json.loads(row.payload)
+    assert (body["type"], body["data"]) == (
+        "generation.completed",
+        generation_json(generation),
+    )
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT {JOB_COLUMNS}, count(*) FROM procrastinate_jobs "  # noqa: S608
+            "WHERE args ->> 'delivery_id' = %s GROUP BY " + JOB_COLUMNS,
+            [str(row.pk)],
+        )
+        jobs = cursor.fetchall()
+    # Two jobs, one from emit and one from deliver.defer(), identical.
+    assert len(jobs) == 1 and jobs[0][-1] == 2
+    queue, task, priority, lock, queueing_lock, args, status, *_ = jobs[0]
+    assert (queue, task, priority, lock, queueing_lock, status) == (
+        "webhooks",
+        "webhooks.deliver",
+        0,
+        None,
+        None,
+        "todo",
+    )
+    assert json.loads(args) == {"delivery_id": str(row.pk), "redelivery": False}
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT e.type::text, count(*) FROM procrastinate_events e "
+            "JOIN procrastinate_jobs j ON j.id = e.job_id "
+            "WHERE j.args ->> 'delivery_id' = %s GROUP BY 1",
+            [str(row.pk)],
+        )
+        # procrastinate's insert trigger ran for both.
+        assert cursor.fetchall() == [("deferred", 2)]
 
 
 def test_emit_refuses_to_run_outside_a_transaction(key):
@@ -145,6 +209,19 @@ def test_a_delivery_is_signed_and_carries_the_owners_view_of_the_job(key, receiv
     row.refresh_from_db()
     assert (row.state, row.attempts, row.last_status) == ("delivered", 1, "200")
     assert row.delivered_at is not None and row.next_attempt_at is None
+
+
+def test_a_delivered_attempt_is_one_read_and_one_write(
+    key, receiver, django_assert_num_queries
+):
+    services.webhook_secret_get(api_key=key)  # made on the key's first delivery
+    row = emitted(make_generation(api_key=key), url=receiver.url)
+    with django_assert_num_queries(2):  # delivery + secrets; the UPDATE
+        result = services.delivery_attempt(delivery_id=row.pk)
+    assert result == services.AttemptResult(state="delivered", retry_at=None)
+    row.refresh_from_db()
+    assert (row.state, row.attempts, row.last_status) == ("delivered", 1, "200")
+    assert row.delivered_at == row.last_attempt_at is not None
 
 
 def test_a_tampered_body_does_not_verify(key, receiver):

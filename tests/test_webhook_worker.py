@@ -9,6 +9,7 @@ process and sees only committed rows.
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import subprocess
 import time
@@ -169,6 +170,77 @@ def open_jobs() -> int:
             "WHERE queue_name = 'webhooks' AND status IN ('todo', 'doing')"
         )
         return cursor.fetchone()[0]
+
+
+def test_a_committed_delivery_wakes_the_listening_worker(clean_queue, key):
+    """The notification procrastinate's worker wakes on, on both channels it
+    may LISTEN on, once the transition has committed."""
+    with psycopg.connect(clean_queue, autocommit=True) as listener:
+        listener.execute('LISTEN "procrastinate_queue_v1#webhooks"')
+        listener.execute("LISTEN procrastinate_any_queue_v1")
+        row = emit(make_generation(api_key=key), "http://x.invalid/")
+        notices = list(listener.notifies(timeout=WAIT_S, stop_after=2))
+        (job_id,) = listener.execute(
+            "SELECT id FROM procrastinate_jobs WHERE args ->> 'delivery_id' = %s",
+            [str(row.pk)],
+        ).fetchone()
+    assert sorted(notice.channel for notice in notices) == [
+        "procrastinate_any_queue_v1",
+        "procrastinate_queue_v1#webhooks",
+    ]
+    assert [json.loads(notice.payload) for notice in notices] == [
+        {"type": "job_inserted", "job_id": job_id}
+    ] * 2
+
+
+def drain(listener: psycopg.Connection, timeout: float) -> list[str]:
+    return [notice.payload for notice in listener.notifies(timeout=timeout)]
+
+
+def test_one_wake_up_per_commit_and_none_for_a_rollback(clean_queue, key):
+    generations = [make_generation(api_key=key) for _ in range(3)]
+    with psycopg.connect(clean_queue, autocommit=True) as listener:
+        listener.execute('LISTEN "procrastinate_queue_v1#webhooks"')
+
+        with transaction.atomic():
+            for generation in generations:
+                services.emit(
+                    generation, "generation.completed", url="http://x.invalid/"
+                )
+        after_commit = drain(listener, 1.0)
+
+        with transaction.atomic():
+            services.emit(generations[0], "generation.start", url="http://x.invalid/")
+            transaction.set_rollback(True)
+        after_rollback = drain(listener, 1.0)
+
+        emit(generations[1], "http://x.invalid/", "generation.start")
+        next_commit = drain(listener, 1.0)
+
+    assert len(after_commit) == 1  # three jobs, one commit
+    assert after_rollback == []
+    assert len(next_commit) == 1
+    assert open_jobs() == 4
+
+
+def test_no_trigger_notifies_inside_the_transaction_that_defers_a_job():
+    """procrastinate's insert trigger would make every transition that carries
+    a webhook commit single file (migration webhooks 0002): a procrastinate
+    upgrade that brings one back must be looked at."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT t.tgname FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid"
+            " WHERE t.tgrelid = 'procrastinate_jobs'::regclass"
+            " AND NOT t.tgisinternal AND t.tgenabled <> 'D'"
+            " AND t.tgtype & 4 = 4"  # fires on INSERT
+            " AND p.prosrc LIKE '%%pg_notify%%'"
+        )
+        assert cursor.fetchall() == []
+        cursor.execute(
+            "SELECT tgenabled FROM pg_trigger WHERE tgname = %s",
+            ["procrastinate_jobs_notify_queue_job_inserted_v1"],
+        )
+        assert cursor.fetchall() == [("D",)]
 
 
 def test_start_and_completed_arrive_signed_with_the_owners_view(

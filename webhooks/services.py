@@ -3,8 +3,10 @@
 ``emit`` is called by a generation's transition inside the transition's
 transaction: the delivery row and procrastinate's job are written on the
 same connection, so they commit or roll back with the transition (the
-transactional outbox). The delivery task (``webhooks.tasks``) calls
-``delivery_attempt`` once per attempt.
+transactional outbox). The delivery workers are woken once the transaction
+has committed (``wake_after_commit``), not by a NOTIFY inside it. The
+delivery task (``webhooks.tasks``) calls ``delivery_attempt`` once per
+attempt.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import threading
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -22,8 +25,12 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import BooleanField, Case, ExpressionWrapper, F, Q, Value, When
 from django.db.models.functions import Now
+from procrastinate.jobs import Job
+from procrastinate.manager import get_channel_for_queues
+from psycopg.types.json import Jsonb
 
 from apikeys.models import ApiKey
+from lockngen.rows import fetch_all_prepared
 from webhooks import delivery, guard
 from webhooks.models import (
     EVENT_BY_FILTER_NAME,
@@ -106,8 +113,9 @@ def signing_secrets(*, api_key_id: uuid.UUID) -> list[str]:
     """The secrets a delivery is signed with now: current, and previous while
     the rotation's overlap lasts (the database clock decides).
 
-    One query per attempt (the overlap is computed in it); the secret is
-    created on the key's first delivery.
+    One query (the overlap is computed in it); the secret is created on the
+    key's first delivery. An attempt reads them with its delivery instead
+    (``ATTEMPT_SQL``).
     """
     row = (
         WebhookSecret.objects.filter(api_key_id=api_key_id)
@@ -122,7 +130,10 @@ def signing_secrets(*, api_key_id: uuid.UUID) -> list[str]:
     if row is None:
         secret = webhook_secret_get(api_key=ApiKey.objects.get(pk=api_key_id))
         return [secret.current]
-    current, previous, overlapping = row
+    return _signing(*row)
+
+
+def _signing(current: str, previous: str, overlapping: bool | None) -> list[str]:
     return [current, previous] if previous and overlapping else [current]
 
 
@@ -177,15 +188,92 @@ def emit(
         raise WebhooksUnavailable
     if not connection.in_atomic_block:
         raise RuntimeError("emit() must run inside the transition's transaction")
-    row = WebhookDelivery.objects.create(
-        generation=generation,
+    row = _write_outbox(
+        generation_id=generation.pk,
         event=event,
         url=url,
         payload=_payload(generation, event),
-        next_attempt_at=Now(),
     )
-    _queue(row.pk)
+    logger.debug("webhook %s queued: %s of %s", row.pk, event, generation.pk)
     return row
+
+
+# The delivery row and its procrastinate job in one statement (one round trip
+# on the transition's hot path instead of an ORM INSERT and procrastinate's
+# own defer query). The job goes through procrastinate's own SQL function,
+# ``procrastinate_defer_jobs_v1`` — what ``deliver.defer()`` runs, so its
+# triggers (the ``deferred`` event, the NOTIFY) fire as they would — with
+# the values of the job procrastinate's ``configure()`` builds (queue, task
+# name, priority, locks). The RETURNING list is the model's columns in field
+# order (``from_db``). tests/test_webhook_delivery.py checks that the row
+# equals the ORM's and the job equals ``deliver.defer()``'s.
+OUTBOX_SQL = """
+WITH delivery AS (
+    INSERT INTO webhook_deliveries
+        (id, generation_id, event, url, payload, state, attempts, last_status,
+         next_attempt_at)
+    VALUES (%s, %s, %s, %s, %s, %s, 0, '', STATEMENT_TIMESTAMP())
+    RETURNING id, generation_id, event, url, payload, created_at, state,
+              attempts, last_attempt_at, last_status, next_attempt_at,
+              delivered_at
+)
+SELECT delivery.*,
+       procrastinate_defer_jobs_v1(ARRAY[
+           ROW(%s::varchar, %s::varchar, %s::integer, %s::text, %s::text,
+               %s::jsonb, %s::timestamptz)::procrastinate_job_to_defer_v1
+       ])
+FROM delivery
+"""
+OUTBOX_FIELDS = (
+    "id",
+    "generation_id",
+    "event",
+    "url",
+    "payload",
+    "created_at",
+    "state",
+    "attempts",
+    "last_attempt_at",
+    "last_status",
+    "next_attempt_at",
+    "delivered_at",
+)
+
+
+def delivery_job(delivery_id: uuid.UUID, *, redelivery: bool = False) -> Job:
+    """The delivery task's job for one delivery, as ``deliver.defer()`` builds it."""
+    from webhooks.tasks import deliver
+
+    return deliver.configure().make_new_job(
+        delivery_id=str(delivery_id), redelivery=redelivery
+    )
+
+
+def _write_outbox(
+    *, generation_id: uuid.UUID, event: str, url: str, payload: str
+) -> WebhookDelivery:
+    delivery_id = uuid.uuid4()
+    job = delivery_job(delivery_id)
+    params = [
+        delivery_id,
+        generation_id,
+        event,
+        url,
+        payload,
+        DeliveryState.PENDING,
+        job.queue,
+        job.task_name,
+        job.priority,
+        job.lock,
+        job.queueing_lock,
+        Jsonb(job.task_kwargs),
+        job.scheduled_at,
+    ]
+    # A prepared statement: every transition with a webhook runs it.
+    (row,) = fetch_all_prepared(OUTBOX_SQL, params)
+    (job_id,) = row[-1]
+    wake_after_commit(job_id)
+    return WebhookDelivery.from_db(connection.alias, OUTBOX_FIELDS, row[:-1])
 
 
 def _queue(delivery_id: uuid.UUID, *, redelivery: bool = False) -> None:
@@ -193,7 +281,57 @@ def _queue(delivery_id: uuid.UUID, *, redelivery: bool = False) -> None:
 
     # procrastinate's Django connector: the INSERT into procrastinate_jobs runs
     # on this (Django's) connection, in the open transaction.
-    deliver.defer(delivery_id=str(delivery_id), redelivery=redelivery)
+    job_id = deliver.defer(delivery_id=str(delivery_id), redelivery=redelivery)
+    wake_after_commit(job_id)
+
+
+# --- Waking the delivery workers ----------------------------------------------
+
+# procrastinate's workers LISTEN on these channels (its own naming) and fetch
+# jobs when told a job was inserted. Its insert trigger would NOTIFY inside
+# the transition's transaction; PostgreSQL commits notifying transactions
+# one at a time, each through its WAL flush, so the transitions that carry a
+# webhook would commit single file (docs/PERFORMANCE.md, "Webhooks"). The
+# trigger is disabled (migration 0002) and the wake-up is sent here, after
+# the commit, in a transaction of its own. A wake-up lost to a crash between
+# the two only delays the delivery to the worker's next poll
+# (``deliver_webhooks --poll-interval``): the job itself is committed.
+QUEUE = "webhooks"  # the delivery task's queue (webhooks.tasks)
+WAKE_CHANNELS = (
+    *get_channel_for_queues([QUEUE]),
+    *get_channel_for_queues(None),
+)
+# A statement of its own (autocommit): a wake-up is no state, so its commit
+# need not wait for the WAL flush (``synchronous_commit`` off for that one
+# transaction): a wake-up lost to a crash is a poll's delay.
+WAKE_SQL = "SELECT set_config('synchronous_commit', 'off', true), " + ", ".join(
+    ["pg_notify(%s, %s)"] * len(WAKE_CHANNELS)
+)
+_wake = threading.local()  # per thread, as Django's connections are
+
+
+def wake_after_commit(job_id: int) -> None:
+    """Wake the delivery workers once the current transaction commits.
+
+    Called for every job written; one NOTIFY per commit however many: the
+    first of the transaction's callbacks sends it, the others find it sent.
+    A transaction that rolls back leaves the flag up, so the next commit
+    sends one, which it would anyway.
+    """
+    _wake.pending = True
+    transaction.on_commit(lambda: _wake_workers(job_id), robust=True)
+
+
+def _wake_workers(job_id: int) -> None:
+    if not getattr(_wake, "pending", False):
+        return
+    _wake.pending = False
+    payload = json.dumps({"type": "job_inserted", "job_id": job_id})
+    with connection.cursor() as cursor:
+        cursor.execute(
+            WAKE_SQL,
+            [value for channel in WAKE_CHANNELS for value in (channel, payload)],
+        )
 
 
 # --- Attempts -----------------------------------------------------------------
@@ -215,6 +353,34 @@ def retry_delay(attempts_made: int) -> float | None:
     return base * random.uniform(1 - JITTER, 1 + JITTER)  # noqa: S311 - jitter
 
 
+# What an attempt needs, in one statement: the delivery, its owner (the job's
+# key) and the owner's secrets with the rotation's overlap on the database
+# clock (no secret yet: the key's first delivery, NULLs). The join to
+# generations is the ORM's for ``generation__api_key`` (no soft-delete filter:
+# a deleted job's events are still delivered).
+ATTEMPT_SQL = """
+SELECT d.id, d.url, d.payload, d.state, g.api_key_id,
+       s.current, s.previous, s.rotated_at > STATEMENT_TIMESTAMP() - %s
+FROM webhook_deliveries d
+JOIN generations g ON g.id = d.generation_id
+LEFT JOIN webhook_secrets s ON s.api_key_id = g.api_key_id
+WHERE d.id = %s
+"""
+# A delivered or gone attempt does not depend on what the row held: one
+# UPDATE (its row lock orders it after a concurrent attempt's), no read.
+FINISHED_SQL = """
+UPDATE webhook_deliveries
+SET attempts = attempts + 1,
+    last_attempt_at = STATEMENT_TIMESTAMP(),
+    last_status = %s,
+    state = %s,
+    next_attempt_at = NULL,
+    delivered_at = CASE WHEN %s THEN STATEMENT_TIMESTAMP() ELSE delivered_at END
+WHERE id = %s
+RETURNING attempts
+"""
+
+
 def delivery_attempt(
     *, delivery_id: uuid.UUID | str, redelivery: bool = False, resolver: Any = None
 ) -> AttemptResult | None:
@@ -224,31 +390,58 @@ def delivery_attempt(
     pending does nothing (a duplicate job, or a redelivery already made it).
     Returns None when nothing was attempted.
     """
-    # Only what the attempt needs, in one query (the owner is the job's key).
-    row = (
-        WebhookDelivery.objects.filter(pk=delivery_id)
-        .values("pk", "url", "payload", "state", "generation__api_key")
-        .first()
-    )
-    if row is None or (not redelivery and row["state"] != DeliveryState.PENDING):
+    with connection.cursor() as cursor:
+        cursor.execute(ATTEMPT_SQL, [ROTATION_OVERLAP, delivery_id])
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    pk, url, body, state, api_key_id, current, previous, overlapping = row
+    if not redelivery and state != DeliveryState.PENDING:
         return None
     outcome = delivery.attempt(
-        delivery_id=str(row["pk"]),
-        url=row["url"],
-        body=row["payload"],
-        secrets_=signing_secrets(api_key_id=row["generation__api_key"]),
+        delivery_id=str(pk),
+        url=url,
+        body=body,
+        secrets_=(
+            signing_secrets(api_key_id=api_key_id)
+            if current is None
+            else _signing(current, previous, overlapping)
+        ),
         timeout=settings.WEBHOOK_TIMEOUT,
         require_https=settings.PRODUCTION,
         allow_private=settings.WEBHOOK_ALLOW_PRIVATE,
         resolver=resolver,
     )
-    return _record(row["pk"], outcome, redelivery=redelivery)
+    if outcome.delivered or outcome.gone:
+        return _record_finished(pk, outcome)
+    return _record_failure(pk, outcome, redelivery=redelivery)
+
+
+def _record_finished(
+    delivery_id: uuid.UUID, outcome: delivery.Outcome
+) -> AttemptResult:
+    state = DeliveryState.DELIVERED if outcome.delivered else DeliveryState.GONE
+    with (
+        transaction.mark_for_rollback_on_error(),
+        connection.cursor() as cursor,
+    ):
+        cursor.execute(
+            FINISHED_SQL,
+            [outcome.status[:100], state, outcome.delivered, delivery_id],
+        )
+        row = cursor.fetchone()
+    if row is None:  # deleted since it was read
+        raise WebhookDelivery.DoesNotExist(delivery_id)
+    _log_attempt(delivery_id, row[0], outcome, state)
+    return AttemptResult(state=state, retry_at=None)
 
 
 @transaction.atomic
-def _record(
+def _record_failure(
     delivery_id: uuid.UUID, outcome: delivery.Outcome, *, redelivery: bool
 ) -> AttemptResult:
+    """An attempt that did not reach a 2xx or 410: what comes next depends on
+    the attempts made and the schedule, read under the row's lock."""
     row = (
         WebhookDelivery.objects.select_for_update()
         .values("attempts", "state", "next_attempt_at")
@@ -256,12 +449,7 @@ def _record(
     )
     attempts = row["attempts"] + 1
     retry_at: datetime | None = None
-    delivered_at: Any = None
-    if outcome.delivered:
-        state, next_at, delivered_at = DeliveryState.DELIVERED, None, Now()
-    elif outcome.gone:
-        state, next_at = DeliveryState.GONE, None
-    elif redelivery:
+    if redelivery:
         # One extra attempt: the schedule (if any is still running) goes on.
         scheduled = row["state"] == DeliveryState.PENDING and row["next_attempt_at"]
         state = DeliveryState.PENDING if scheduled else DeliveryState.FAILED
@@ -278,7 +466,6 @@ def _record(
         last_status=outcome.status[:100],
         state=state,
         next_attempt_at=next_at,
-        delivered_at=delivered_at if delivered_at is not None else F("delivered_at"),
     )
     if state == DeliveryState.PENDING and not redelivery:
         retry_at = (
@@ -286,10 +473,16 @@ def _record(
             .values_list("next_attempt_at", flat=True)
             .get()
         )
+    _log_attempt(delivery_id, attempts, outcome, state)
+    return AttemptResult(state=state, retry_at=retry_at)
+
+
+def _log_attempt(
+    delivery_id: uuid.UUID, attempts: int, outcome: delivery.Outcome, state: str
+) -> None:
     logger.info(
         "webhook %s attempt %d: %s → %s", delivery_id, attempts, outcome.status, state
     )
-    return AttemptResult(state=state, retry_at=retry_at)
 
 
 @transaction.atomic
