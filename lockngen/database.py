@@ -100,16 +100,8 @@ def database_config(
         # know and cannot keep a server-side cursor across transactions: the
         # statement timeout is set on the database role instead.
         config["DISABLE_SERVER_SIDE_CURSORS"] = True
-    else:
-        # psycopg's prepared statements, which Django turns off for the sake
-        # of poolers: only lockngen.rows.fetch_all_prepared's cursors bind on
-        # the server and use them; Django's own bind on the client and never
-        # prepare.
-        options.setdefault("prepare_threshold", PREPARE_THRESHOLD)
-        if statement_timeout_ms:
-            options.setdefault(
-                "options", f"-c statement_timeout={statement_timeout_ms}"
-            )
+    elif statement_timeout_ms:
+        options.setdefault("options", f"-c statement_timeout={statement_timeout_ms}")
 
     if pooled:
         threads = env_int(env, "GUNICORN_THREADS", 4, minimum=1)
@@ -134,6 +126,14 @@ def database_config(
         worst_connect = (retries + 1) * connect_timeout + sum(
             connect_retry_delays(retries)
         )
+
+    if not pgbouncer and (pooled or config["CONN_MAX_AGE"] != 0):
+        # psycopg's prepared statements, which Django turns off for the sake
+        # of poolers: only lockngen.rows.fetch_all_prepared's cursors bind on
+        # the server and use them (Django's own bind on the client and never
+        # prepare). Only where connections outlive a request: preparing costs
+        # a round trip of its own, paid back from the second run on.
+        options.setdefault("prepare_threshold", PREPARE_THRESHOLD)
 
     worst_case = worst_connect + (0 if pgbouncer else statement_timeout_ms / 1000)
     if worst_case >= gunicorn_timeout:

@@ -22,12 +22,24 @@ from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import psycopg
-from django.db import DEFAULT_DB_ALIAS, connections, transaction
+from django.db import (
+    DEFAULT_DB_ALIAS,
+    DatabaseError,
+    NotSupportedError,
+    connections,
+    transaction,
+)
 from django.db.models import Field, Model, signals
+from django.utils.asyncio import async_unsafe
 
 M = TypeVar("M", bound=Model)
 # Django's own logger of executed statements (DEBUG).
 query_logger = logging.getLogger("django.db.backends")
+logger = logging.getLogger(__name__)
+# PostgreSQL's refusal to run a prepared statement whose result columns
+# changed type since it was prepared (SQLSTATE 0A000).
+FEATURE_NOT_SUPPORTED = "0A000"
+STALE_PLAN = "cached plan must not change result type"
 
 
 @functools.cache
@@ -152,20 +164,27 @@ def insert_one(instance: M) -> M:
     return model.from_db(connection.alias, attnames, row)
 
 
+@async_unsafe
 def fetch_all_prepared(sql: str, params: dict[str, Any] | Sequence[Any]) -> list[tuple]:
     """Every row of ``sql`` (a constant), run as a prepared statement.
 
     Django's psycopg cursors bind parameters on the client, so the server
     parses and plans a statement on every call; for the statements every
-    request or every worker runs (the key lookup, the read, the claim) that
-    is a good part of their cost. psycopg's own cursor binds on the server,
-    and with the connection's ``prepare_threshold`` at 0 (``lockngen.database``;
-    Django turns psycopg's prepared statements off by default for the sake of
-    poolers) psycopg prepares a statement on its first run on a connection
-    and then only executes it, from its per-connection cache. Django's own
-    cursors still bind on the client and never prepare. Behind PgBouncer
-    (``DB_PGBOUNCER``) prepared statements stay off: a statement prepared on
-    one server connection is unknown on the next.
+    request or every worker runs (the key lookup, the read, the create's
+    INSERT, the claim, the webhook outbox) that is a good part of their
+    cost. psycopg's own cursor binds on the server, and with the
+    connection's ``prepare_threshold`` at 0 (``lockngen.database``, for
+    persistent connections; Django turns psycopg's prepared statements off by
+    default for the sake of poolers) psycopg prepares a statement on its
+    first run on a connection and then only executes it, from its
+    per-connection cache. Django's own cursors still bind on the client and
+    never prepare. Behind PgBouncer (``DB_PGBOUNCER``) prepared statements
+    stay off: a statement prepared on one server connection is unknown on
+    the next.
+
+    Parameters are bound on the server: psycopg types a Python ``int`` by
+    its size (int2 … numeric), so write the cast (``%s::bigint``) where that
+    matters; ``str`` and ``None`` go untyped and take the column's type.
 
     The cursor is wrapped as Django wraps its own (what ``connection.cursor()``
     does, with its public parts): the persistent connection's health check,
@@ -173,8 +192,33 @@ def fetch_all_prepared(sql: str, params: dict[str, Any] | Sequence[Any]) -> list
     cannot read a prepared execution's SQL back from psycopg, so the
     statement is logged here, composed with its parameters as Django logs
     server-bound statements: query budgets count these statements too.
+
+    A migration that changes the type of a column a prepared statement
+    returns makes PostgreSQL refuse to run it ("cached plan must not change
+    result type") until it is prepared again. Outside a transaction the
+    connection is closed and the statement run once more on a new one (with
+    a fresh cache); inside one the error stands, and the rollback makes
+    psycopg forget its statements.
     """
     connection = connections[DEFAULT_DB_ALIAS]
+    try:
+        return _execute_prepared(connection, sql, params)
+    except NotSupportedError as exc:
+        if connection.in_atomic_block or not _stale_plan(exc):
+            raise
+        logger.warning("prepared statement outdated by a schema change; reconnecting")
+        connection.close()
+        return _execute_prepared(connection, sql, params)
+
+
+def _stale_plan(exc: Exception) -> bool:
+    cause = exc.__cause__
+    return getattr(
+        cause, "sqlstate", None
+    ) == FEATURE_NOT_SUPPORTED and STALE_PLAN in str(cause)
+
+
+def _execute_prepared(connection: Any, sql: str, params: Any) -> list[tuple]:
     connection.close_if_health_check_failed()
     connection.ensure_connection()
     connection.validate_thread_sharing()
@@ -195,7 +239,10 @@ def fetch_all_prepared(sql: str, params: dict[str, Any] | Sequence[Any]) -> list
 
 def _log_query(connection: Any, sql: str, params: Any, duration: float) -> None:
     """What Django's debug cursor records for a statement (``connection.queries``)."""
-    composed = connection.ops.compose_sql(sql, params)
+    try:
+        composed = connection.ops.compose_sql(sql, params)
+    except DatabaseError:  # a dead connection cannot compose: log the template
+        composed = sql
     connection.queries_log.append({"sql": composed, "time": f"{duration:.3f}"})
     query_logger.debug(
         "(%.3f) %s; args=%s; alias=%s",

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import uuid
 
+import psycopg
 import pytest
-from django.db import IntegrityError, connection, transaction
+from django.db import IntegrityError, NotSupportedError, connection, transaction
 from django.db.models import signals
 from django.test.utils import CaptureQueriesContext
 
 from generations.models import Generation
-from lockngen.rows import insert_one
+from lockngen.rows import fetch_all_prepared, insert_one
 from tests.factories import make_api_key
 
 SENT = {"prompt": "a lighthouse", "guidance": 7.55, "seed": 3, "width": 512}
@@ -122,3 +123,39 @@ def test_the_insert_is_a_prepared_statement_and_is_logged():
     # Logged with its values, so query budgets count it.
     (logged,) = (q["sql"] for q in queries)
     assert logged.startswith('INSERT INTO "generations"') and "a lighthouse" in logged
+
+
+# --- A migration that changes a returned column's type -------------------------
+
+PROBE = "SELECT label FROM prepared_probe WHERE id = %s"
+
+
+@pytest.fixture
+def probe_table(test_database_url):
+    """A table of its own, altered from another session as a deploy's
+    migration would alter one of ours."""
+    with psycopg.connect(test_database_url, autocommit=True) as other:
+        other.execute("CREATE TABLE prepared_probe (id integer, label varchar(10))")
+        other.execute("INSERT INTO prepared_probe VALUES (1, 'first')")
+        yield other
+        other.execute("DROP TABLE prepared_probe")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_statement_outdated_by_a_migration_is_prepared_again(probe_table):
+    assert fetch_all_prepared(PROBE, [1]) == [("first",)]  # prepared now
+    probe_table.execute("ALTER TABLE prepared_probe ALTER COLUMN label TYPE text")
+
+    assert fetch_all_prepared(PROBE, [1]) == [("first",)]
+    assert fetch_all_prepared(PROBE, [1]) == [("first",)]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_inside_a_transaction_the_outdated_statement_fails_once(probe_table):
+    assert fetch_all_prepared(PROBE, [1]) == [("first",)]
+    probe_table.execute("ALTER TABLE prepared_probe ALTER COLUMN label TYPE text")
+
+    with pytest.raises(NotSupportedError), transaction.atomic():
+        fetch_all_prepared(PROBE, [1])
+
+    assert fetch_all_prepared(PROBE, [1]) == [("first",)]  # the rollback forgot it

@@ -70,6 +70,15 @@ def test_pool_mode_uses_django_native_pool_without_persistent_connections():
     # Without health checks Django's pool hands out connections a restart broke.
     assert db["CONN_HEALTH_CHECKS"] is True
     assert db["CONNECT_RETRIES"] == 0
+    assert db["OPTIONS"]["prepare_threshold"] == 0  # pooled connections persist
+
+
+@pytest.mark.sqlite_smoke
+def test_connections_closed_after_each_request_prepare_nothing():
+    # Preparing is a round trip of its own, repaid only from a second run on
+    # the same connection.
+    db = config(DATABASE_URL=URL, DB_CONN_MAX_AGE="0")
+    assert "prepare_threshold" not in db["OPTIONS"]
 
 
 @pytest.mark.sqlite_smoke
