@@ -92,6 +92,8 @@ def test_emits_one_statement_writes_what_the_orm_and_deliver_defer_would(key):
 
     stored = WebhookDelivery.objects.get(pk=row.pk)
     fields = [field.attname for field in WebhookDelivery._meta.concrete_fields]
+    # The outbox statement returns every column, so no field is left deferred.
+    assert list(services.OUTBOX_FIELDS) == fields
     assert {f: getattr(row, f) for f in fields} == {
         f: getattr(stored, f) for f in fields
     }
@@ -377,6 +379,31 @@ def test_a_failed_redelivery_of_a_finished_delivery_fails_again(key, settings):
         assert result.state == "failed" and result.retry_at is None
     finally:
         receiver.stop()
+
+
+def test_a_failed_attempt_never_unfinishes_a_delivery_finished_meanwhile(key, settings):
+    settings.WEBHOOK_RETRY_SCHEDULE = [60.0]
+    settings.WEBHOOK_ALLOW_PRIVATE = True
+    receiver = Receiver([500]).start()
+    try:
+        url = f"http://hooks.example.test:{receiver.port}/hook"
+        row = emitted(make_generation(api_key=key), url=url)
+
+        def redelivered_meanwhile(host, port, *args, **kwargs):
+            # While this attempt is on the wire, a redelivery delivers it.
+            WebhookDelivery.objects.filter(pk=row.pk).update(
+                state=DeliveryState.DELIVERED, delivered_at=Now(), next_attempt_at=None
+            )
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+
+        result = services.delivery_attempt(
+            delivery_id=row.pk, resolver=redelivered_meanwhile
+        )
+        row.refresh_from_db()
+    finally:
+        receiver.stop()
+    assert (result.state, result.retry_at) == ("delivered", None)
+    assert (row.state, row.attempts, row.next_attempt_at) == ("delivered", 1, None)
 
 
 # --- The guard at send time ---------------------------------------------------

@@ -449,6 +449,14 @@ def _record_failure(
     )
     attempts = row["attempts"] + 1
     retry_at: datetime | None = None
+    if row["state"] in (DeliveryState.DELIVERED, DeliveryState.GONE):
+        # Another attempt (a redelivery) finished it while this one was on
+        # the wire: counted, but neither un-finished nor scheduled again.
+        WebhookDelivery.objects.filter(pk=delivery_id).update(
+            attempts=F("attempts") + 1, last_attempt_at=Now()
+        )
+        _log_attempt(delivery_id, attempts, outcome, row["state"])
+        return AttemptResult(state=row["state"], retry_at=None)
     if redelivery:
         # One extra attempt: the schedule (if any is still running) goes on.
         scheduled = row["state"] == DeliveryState.PENDING and row["next_attempt_at"]
