@@ -344,7 +344,7 @@ def wrk_claims(
             text=True,
             timeout=seconds + 30,
         )
-        result = parse_wrk(completed)
+        result = load.parse_wrk(completed)
         claims: list[tuple[str, str]] = []
         empty = failed = 0
         for path in Path(directory).glob("thread*"):
@@ -357,21 +357,6 @@ def wrk_claims(
                     job, token = line.split()
                     claims.append((job, token))
     return ClaimRun(result, claims, empty, failed)
-
-
-def parse_wrk(completed: subprocess.CompletedProcess[str]) -> load.LoadResult:
-    for line in completed.stdout.splitlines():
-        if line.startswith(load.RESULT_MARK):
-            data = json.loads(line[len(load.RESULT_MARK) :])
-            return load.LoadResult(
-                requests=data["requests"],
-                seconds=data["duration_us"] / 1e6,
-                p50_ms=data["p50_us"] / 1000,
-                p99_ms=data["p99_us"] / 1000,
-                errors=data["errors"] + data["status_errors"],
-                client="wrk",
-            )
-    raise RuntimeError(f"wrk failed ({completed.returncode}): {completed.stderr}")
 
 
 @dataclass

@@ -162,7 +162,12 @@ def _wrk(
         )
     finally:
         Path(handle.name).unlink(missing_ok=True)
-    for line in result.stdout.splitlines():
+    return parse_wrk(result)
+
+
+def parse_wrk(completed: subprocess.CompletedProcess[str]) -> LoadResult:
+    """The result line ``DONE_LUA`` prints at the end of a wrk run."""
+    for line in completed.stdout.splitlines():
         if line.startswith(RESULT_MARK):
             data = json.loads(line[len(RESULT_MARK) :])
             return LoadResult(
@@ -173,7 +178,9 @@ def _wrk(
                 errors=data["errors"] + data["status_errors"],
                 client="wrk",
             )
-    raise RuntimeError(f"wrk failed ({result.returncode}): {result.stderr.strip()}")
+    raise RuntimeError(
+        f"wrk failed ({completed.returncode}): {completed.stderr.strip()}"
+    )
 
 
 def _python(

@@ -40,7 +40,9 @@ def to_loopback(host, port, *args, **kwargs):
     return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
 
 
-def attempt(receiver: Receiver, ca: trustme.CA, host: str = HOST) -> delivery.Outcome:
+def attempt(
+    receiver: Receiver, verify: ssl.SSLContext | bool = True, host: str = HOST
+) -> delivery.Outcome:
     return delivery.attempt(
         delivery_id="msg_tls",
         url=f"https://{host}:{receiver.port}/hooks/lockngen",
@@ -50,14 +52,14 @@ def attempt(receiver: Receiver, ca: trustme.CA, host: str = HOST) -> delivery.Ou
         require_https=True,
         allow_private=True,
         resolver=to_loopback,
-        verify=client_context(ca),
+        verify=verify,
     )
 
 
 def test_https_connects_to_the_checked_address_with_the_hosts_name_and_cert(ca):
     receiver = tls_receiver(ca, HOST)
     try:
-        outcome = attempt(receiver, ca)
+        outcome = attempt(receiver, client_context(ca))
     finally:
         receiver.stop()
     assert outcome.delivered, outcome
@@ -69,7 +71,7 @@ def test_https_connects_to_the_checked_address_with_the_hosts_name_and_cert(ca):
 def test_a_certificate_for_another_name_is_refused(ca):
     receiver = tls_receiver(ca, "someone-else.example.test")
     try:
-        outcome = attempt(receiver, ca)
+        outcome = attempt(receiver, client_context(ca))
     finally:
         receiver.stop()
     assert not outcome.delivered
@@ -80,7 +82,7 @@ def test_a_certificate_for_another_name_is_refused(ca):
 def test_a_certificate_from_an_untrusted_ca_is_refused(ca):
     receiver = tls_receiver(trustme.CA(), HOST)
     try:
-        outcome = attempt(receiver, ca)
+        outcome = attempt(receiver, client_context(ca))
     finally:
         receiver.stop()
     assert not outcome.delivered
@@ -97,16 +99,7 @@ def test_without_a_context_attempts_share_one_that_trusts_the_public_roots(ca):
     for _ in range(2):  # a throwaway CA's certificate is not among them
         receiver = tls_receiver(ca, HOST)
         try:
-            outcome = delivery.attempt(
-                delivery_id="msg_tls",
-                url=f"https://{HOST}:{receiver.port}/hooks/lockngen",
-                body="{}",
-                secrets_=[delivery.new_secret()],
-                timeout=5,
-                require_https=True,
-                allow_private=True,
-                resolver=to_loopback,
-            )
+            outcome = attempt(receiver)  # httpx's default: the shared context
         finally:
             receiver.stop()
         assert "CERTIFICATE_VERIFY_FAILED" in outcome.status, outcome
