@@ -176,11 +176,15 @@ class MeasuredCheck(HealthCheck):
     metrics_help: ClassVar[dict[str, str]] = {}
     metrics_labels: ClassVar[dict[str, str]] = {}
 
+    def gauge(self, name: str) -> str:
+        """The published name of the gauge ``name``."""
+        return f"lockngen_{self.metrics_prefix}_{name}"
+
     def samples(self) -> Iterable[tuple[str, str, str, float]]:
         """``(gauge name, label name, label value, value)`` of every sample;
         label name and value are empty for an unlabelled gauge."""
         for name, value in self.metrics.items():
-            gauge = f"lockngen_{self.metrics_prefix}_{name}"
+            gauge = self.gauge(name)
             if isinstance(value, dict):
                 label = self.metrics_labels[name]
                 for key, sample in sorted(value.items()):
@@ -499,7 +503,7 @@ def openmetrics(results: list[HealthCheckResult], state: State) -> bytes:
         if isinstance(check, MeasuredCheck):
             gauges: dict[str, GaugeMetricFamily] = {}
             for name, value in check.metrics.items():
-                gauge = f"lockngen_{check.metrics_prefix}_{name}"
+                gauge = check.gauge(name)
                 help_text = check.metrics_help.get(name, name)
                 if isinstance(value, dict):
                     gauges[gauge] = GaugeMetricFamily(

@@ -23,7 +23,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import BooleanField, Case, ExpressionWrapper, F, Q, Value, When
+from django.db.models import Case, F, Q, Value, When
 from django.db.models.functions import Now
 from procrastinate.jobs import Job
 from procrastinate.manager import get_channel_for_queues
@@ -109,31 +109,10 @@ def webhook_secret_rotate(*, api_key: ApiKey) -> WebhookSecret:
     return secret
 
 
-def signing_secrets(*, api_key_id: uuid.UUID) -> list[str]:
+def _signing(current: str, previous: str | None, overlapping: bool | None) -> list[str]:
     """The secrets a delivery is signed with now: current, and previous while
-    the rotation's overlap lasts (the database clock decides).
-
-    One query (the overlap is computed in it); the secret is created on the
-    key's first delivery. An attempt reads them with its delivery instead
-    (``ATTEMPT_SQL``).
-    """
-    row = (
-        WebhookSecret.objects.filter(api_key_id=api_key_id)
-        .annotate(
-            overlapping=ExpressionWrapper(
-                Q(rotated_at__gt=Now() - ROTATION_OVERLAP), output_field=BooleanField()
-            )
-        )
-        .values_list("current", "previous", "overlapping")
-        .first()
-    )
-    if row is None:
-        secret = webhook_secret_get(api_key=ApiKey.objects.get(pk=api_key_id))
-        return [secret.current]
-    return _signing(*row)
-
-
-def _signing(current: str, previous: str, overlapping: bool | None) -> list[str]:
+    the rotation's overlap lasts (``overlapping``, which ``ATTEMPT_SQL``
+    computes on the database clock)."""
     return [current, previous] if previous and overlapping else [current]
 
 
@@ -202,28 +181,12 @@ def emit(
 # on the transition's hot path instead of an ORM INSERT and procrastinate's
 # own defer query). The job goes through procrastinate's own SQL function,
 # ``procrastinate_defer_jobs_v1`` — what ``deliver.defer()`` runs, so its
-# triggers (the ``deferred`` event, the NOTIFY) fire as they would — with
-# the values of the job procrastinate's ``configure()`` builds (queue, task
-# name, priority, locks). The RETURNING list is the model's columns in field
-# order (``from_db``). tests/test_webhook_delivery.py checks that the row
-# equals the ORM's and the job equals ``deliver.defer()``'s.
-OUTBOX_SQL = """
-WITH delivery AS (
-    INSERT INTO webhook_deliveries
-        (id, generation_id, event, url, payload, state, attempts, last_status,
-         next_attempt_at)
-    VALUES (%s, %s, %s, %s, %s, %s, 0, '', STATEMENT_TIMESTAMP())
-    RETURNING id, generation_id, event, url, payload, created_at, state,
-              attempts, last_attempt_at, last_status, next_attempt_at,
-              delivered_at
-)
-SELECT delivery.*,
-       procrastinate_defer_jobs_v1(ARRAY[
-           ROW(%s::varchar, %s::varchar, %s::integer, %s::text, %s::text,
-               %s::jsonb, %s::timestamptz)::procrastinate_job_to_defer_v1
-       ])
-FROM delivery
-"""
+# triggers (the ``deferred`` event) fire as they would; the wake-up is
+# ``wake_after_commit``'s — with the values of the job procrastinate's
+# ``configure()`` builds (queue, task name, priority, locks). RETURNING is
+# the model's columns in field order (``OUTBOX_FIELDS``, for ``from_db``).
+# tests/test_webhook_delivery.py checks that the row equals the ORM's and
+# the job equals ``deliver.defer()``'s.
 OUTBOX_FIELDS = (
     "id",
     "generation_id",
@@ -238,6 +201,21 @@ OUTBOX_FIELDS = (
     "next_attempt_at",
     "delivered_at",
 )
+OUTBOX_SQL = """
+WITH delivery AS (
+    INSERT INTO webhook_deliveries
+        (id, generation_id, event, url, payload, state, attempts, last_status,
+         next_attempt_at)
+    VALUES (%s, %s, %s, %s, %s, %s, 0, '', STATEMENT_TIMESTAMP())
+    RETURNING {returning}
+)
+SELECT delivery.*,
+       procrastinate_defer_jobs_v1(ARRAY[
+           ROW(%s::varchar, %s::varchar, %s::integer, %s::text, %s::text,
+               %s::jsonb, %s::timestamptz)::procrastinate_job_to_defer_v1
+       ])
+FROM delivery
+""".format(returning=", ".join(OUTBOX_FIELDS))  # noqa: S608 (constant names)
 
 
 def delivery_job(delivery_id: uuid.UUID, *, redelivery: bool = False) -> Job:
@@ -398,15 +376,13 @@ def delivery_attempt(
     pk, url, body, state, api_key_id, current, previous, overlapping = row
     if not redelivery and state != DeliveryState.PENDING:
         return None
+    if current is None:  # the key's first delivery: its secret is made now
+        current = webhook_secret_get(api_key=ApiKey.objects.get(pk=api_key_id)).current
     outcome = delivery.attempt(
         delivery_id=str(pk),
         url=url,
         body=body,
-        secrets_=(
-            signing_secrets(api_key_id=api_key_id)
-            if current is None
-            else _signing(current, previous, overlapping)
-        ),
+        secrets_=_signing(current, previous, overlapping),
         timeout=settings.WEBHOOK_TIMEOUT,
         require_https=settings.PRODUCTION,
         allow_private=settings.WEBHOOK_ALLOW_PRIVATE,
