@@ -43,6 +43,17 @@ def fresh_local_counters():
     caches["default"].clear()
 
 
+@pytest.fixture(autouse=True)
+def no_waker_left():
+    """A test that committed a webhook event leaves no waker thread behind
+    (``webhooks.wake``), nor its connection, which would keep the test
+    database from being dropped at the end of the run."""
+    yield
+    wake = sys.modules.get("webhooks.wake")
+    if wake is not None:
+        wake.waker.stop()
+
+
 # Half a second into a one-minute window: what the stopped clock reads.
 STOPPED_CLOCK = 1_000_000 * 60 + 0.5
 

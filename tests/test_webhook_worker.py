@@ -21,12 +21,12 @@ import pytest
 from django.db import connection, transaction
 
 from generations.api import generation_json
-from tests.factories import make_api_key, make_generation
-from tests.liveserver import migrate
+from tests.factories import claim_one, make_api_key, make_generation
+from tests.liveserver import live_api, migrate
 from tests.receiver import HANG, Receiver
 from tests.serving import BASE_DIR, VENV_BIN, manage, process_env, scratch_database
 from tests.webhooks import payload, verifies
-from webhooks import services
+from webhooks import services, wake
 from webhooks.models import WebhookDelivery
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -197,30 +197,114 @@ def drain(listener: psycopg.Connection, timeout: float) -> list[str]:
     return [notice.payload for notice in listener.notifies(timeout=timeout)]
 
 
-def test_one_wake_up_per_commit_and_none_for_a_rollback(clean_queue, key):
+def job_of(delivery: WebhookDelivery) -> int:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT id FROM procrastinate_jobs WHERE args ->> 'delivery_id' = %s",
+            [str(delivery.pk)],
+        )
+        return cursor.fetchone()[0]
+
+
+@pytest.fixture
+def slow_waker(monkeypatch) -> Iterator[wake.Waker]:
+    """A waker that sends at most one notification every two seconds (the
+    deployed one: every 20 ms), so a test's burst of commits is one burst."""
+    waker = wake.Waker(interval=2.0)
+    monkeypatch.setattr(wake, "waker", waker)
+    yield waker
+    waker.stop()
+
+
+def test_a_burst_of_commits_is_one_wake_up_after_the_last(clean_queue, key, slow_waker):
+    """The first commit is told at once; the rest of the burst in one
+    notification once the interval is over, naming the last job; a
+    transaction that rolls back wakes nobody."""
+    generations = [make_generation(api_key=key) for _ in range(11)]
+    with psycopg.connect(clean_queue, autocommit=True) as listener:
+        listener.execute('LISTEN "procrastinate_queue_v1#webhooks"')
+        emit(generations.pop(), "http://x.invalid/")  # the waker is started
+        assert len(drain(listener, slow_waker.interval + 0.5)) == 1
+        rows = [emit(generation, "http://x.invalid/") for generation in generations]
+        burst = drain(listener, slow_waker.interval + 1.0)
+
+        with transaction.atomic():
+            services.emit(generations[0], "generation.start", url="http://x.invalid/")
+            transaction.set_rollback(True)
+        after_rollback = drain(listener, slow_waker.interval + 0.5)
+
+    first, last = (json.loads(payload) for payload in burst)
+    # The first names the job the thread found when it woke: the first one's,
+    # unless a commit came quicker than the thread.
+    assert first["job_id"] in {job_of(row) for row in rows[:-1]}
+    assert last == {"type": "job_inserted", "job_id": job_of(rows[-1])}
+    assert after_rollback == []
+    assert open_jobs() == 11
+
+
+def test_one_commit_of_many_jobs_is_one_wake_up(clean_queue, key):
     generations = [make_generation(api_key=key) for _ in range(3)]
     with psycopg.connect(clean_queue, autocommit=True) as listener:
         listener.execute('LISTEN "procrastinate_queue_v1#webhooks"')
-
         with transaction.atomic():
             for generation in generations:
                 services.emit(
                     generation, "generation.completed", url="http://x.invalid/"
                 )
-        after_commit = drain(listener, 1.0)
+        notices = drain(listener, 1.0)
+    assert len(notices) == 1
+    assert open_jobs() == 3
 
-        with transaction.atomic():
-            services.emit(generations[0], "generation.start", url="http://x.invalid/")
-            transaction.set_rollback(True)
-        after_rollback = drain(listener, 1.0)
 
-        emit(generations[1], "http://x.invalid/", "generation.start")
-        next_commit = drain(listener, 1.0)
+def test_the_waker_outlives_its_lost_connection(clean_queue, key):
+    """A waker whose connection was cut (a database restart, a proxy's idle
+    timeout) wakes the workers on a new one next time."""
+    with psycopg.connect(clean_queue, autocommit=True) as listener:
+        listener.execute('LISTEN "procrastinate_queue_v1#webhooks"')
+        emit(make_generation(api_key=key), "http://x.invalid/")
+        assert len(drain(listener, 2.0)) == 1
+        (cut,) = listener.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            " AND query LIKE %s",
+            [wake.NOTIFY_SQL.split("(")[0] + "%"],
+        ).fetchone()
+        assert cut == 1  # the waker's own backend, idle after its notification
+        time.sleep(wake.INTERVAL * 2)
+        row = emit(make_generation(api_key=key), "http://x.invalid/")
+        notices = list(listener.notifies(timeout=WAIT_S, stop_after=1))
+    assert [json.loads(notice.payload) for notice in notices] == [
+        {"type": "job_inserted", "job_id": job_of(row)}
+    ]
 
-    assert len(after_commit) == 1  # three jobs, one commit
-    assert after_rollback == []
-    assert len(next_commit) == 1
-    assert open_jobs() == 4
+
+def test_a_complete_served_by_gunicorn_wakes_the_workers(clean_queue, key, tmp_path):
+    """gunicorn's workers are forked: each starts a waker of its own (nothing
+    but the waker notifies, so without it no notification comes at all)."""
+    _, worker_key = make_api_key(name="gpu", is_worker=True, rate_limit=0)
+    # Only the completion is announced: the claim (in this process) notifies
+    # nothing that the listener could mistake for gunicorn's.
+    make_generation(
+        api_key=key, webhook="http://x.invalid/", webhook_events_filter=["completed"]
+    )
+    job = claim_one(max_jobs=1, worker="gpu-1")
+    with (
+        psycopg.connect(clean_queue, autocommit=True) as listener,
+        live_api(clean_queue, log_path=tmp_path / "gunicorn.log") as api,
+    ):
+        listener.execute('LISTEN "procrastinate_queue_v1#webhooks"')
+        reply = api.call(
+            "POST",
+            f"generations/{job.pk}/complete",
+            {"lease_token": str(job.lease_token), "output_path": "outputs/a.png"},
+            key=worker_key,
+        )
+        assert reply.status == 200, reply.body
+        notices = list(listener.notifies(timeout=WAIT_S, stop_after=1))
+    (delivery,) = WebhookDelivery.objects.filter(generation_id=job.pk)
+    assert [json.loads(notice.payload) for notice in notices] == [
+        {"type": "job_inserted", "job_id": job_of(delivery)}
+    ]
 
 
 def test_no_trigger_notifies_inside_the_transaction_that_defers_a_job():

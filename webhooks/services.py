@@ -4,17 +4,17 @@
 transaction: the delivery row and procrastinate's job are written on the
 same connection, so they commit or roll back with the transition (the
 transactional outbox). The delivery workers are woken once the transaction
-has committed (``wake_after_commit``), not by a NOTIFY inside it. The
+has committed (``webhooks.wake``), not by a NOTIFY inside it. The
 delivery task (``webhooks.tasks``) calls ``delivery_attempt`` once per
 attempt.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import random
-import threading
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -26,7 +26,6 @@ from django.db import connection, transaction
 from django.db.models import Case, F, Q, Value, When
 from django.db.models.functions import Now
 from procrastinate.jobs import Job
-from procrastinate.manager import get_channel_for_queues
 from psycopg.types.json import Jsonb
 
 from apikeys.models import ApiKey
@@ -39,6 +38,7 @@ from webhooks.models import (
     WebhookDelivery,
     WebhookSecret,
 )
+from webhooks.wake import QUEUE, wake_after_commit
 
 logger = logging.getLogger(__name__)
 
@@ -183,39 +183,25 @@ def emit(
 # ``procrastinate_defer_jobs_v1`` — what ``deliver.defer()`` runs, so its
 # triggers (the ``deferred`` event) fire as they would; the wake-up is
 # ``wake_after_commit``'s — with the values of the job procrastinate's
-# ``configure()`` builds (queue, task name, priority, locks). RETURNING is
-# the model's columns in field order (``OUTBOX_FIELDS``, for ``from_db``).
-# tests/test_webhook_delivery.py checks that the row equals the ORM's and
-# the job equals ``deliver.defer()``'s.
-OUTBOX_FIELDS = (
-    "id",
-    "generation_id",
-    "event",
-    "url",
-    "payload",
-    "created_at",
-    "state",
-    "attempts",
-    "last_attempt_at",
-    "last_status",
-    "next_attempt_at",
-    "delivered_at",
-)
+# ``configure()`` builds (queue, task name, priority, locks). Only the job's
+# id comes back: the delivery's id is made here, and reading back the row
+# just written (its payload among it) would cost the hot path more than the
+# rare caller that reads it. tests/test_webhook_delivery.py checks that the
+# row equals the ORM's and the job equals ``deliver.defer()``'s.
 OUTBOX_SQL = """
 WITH delivery AS (
     INSERT INTO webhook_deliveries
         (id, generation_id, event, url, payload, state, attempts, last_status,
          next_attempt_at)
     VALUES (%s, %s, %s, %s, %s, %s, 0, '', STATEMENT_TIMESTAMP())
-    RETURNING {returning}
+    RETURNING id
 )
-SELECT delivery.*,
-       procrastinate_defer_jobs_v1(ARRAY[
+SELECT procrastinate_defer_jobs_v1(ARRAY[
            ROW(%s::varchar, %s::varchar, %s::integer, %s::text, %s::text,
                %s::jsonb, %s::timestamptz)::procrastinate_job_to_defer_v1
        ])
 FROM delivery
-""".format(returning=", ".join(OUTBOX_FIELDS))  # noqa: S608 (constant names)
+"""
 
 
 def delivery_job(delivery_id: uuid.UUID, *, redelivery: bool = False) -> Job:
@@ -227,11 +213,18 @@ def delivery_job(delivery_id: uuid.UUID, *, redelivery: bool = False) -> Job:
     )
 
 
+@functools.cache
+def _first_attempt_job() -> Job:
+    """What every first delivery's job has in common (all but the delivery
+    id): the task's configuration does not change while the process runs."""
+    return delivery_job(uuid.UUID(int=0))
+
+
 def _write_outbox(
     *, generation_id: uuid.UUID, event: str, url: str, payload: str
 ) -> WebhookDelivery:
     delivery_id = uuid.uuid4()
-    job = delivery_job(delivery_id)
+    job = _first_attempt_job()
     params = [
         delivery_id,
         generation_id,
@@ -244,14 +237,14 @@ def _write_outbox(
         job.priority,
         job.lock,
         job.queueing_lock,
-        Jsonb(job.task_kwargs),
+        Jsonb({**job.task_kwargs, "delivery_id": str(delivery_id)}),
         job.scheduled_at,
     ]
     # A prepared statement: every transition with a webhook runs it.
-    (row,) = fetch_all_prepared(OUTBOX_SQL, params)
-    (job_id,) = row[-1]
-    wake_after_commit(job_id)
-    return WebhookDelivery.from_db(connection.alias, OUTBOX_FIELDS, row[:-1])
+    ((job_ids,),) = fetch_all_prepared(OUTBOX_SQL, params)
+    wake_after_commit(job_ids[0])
+    # The other fields are deferred: the ORM loads them if they are read.
+    return WebhookDelivery.from_db(connection.alias, ["id"], [delivery_id])
 
 
 def _queue(delivery_id: uuid.UUID, *, redelivery: bool = False) -> None:
@@ -261,55 +254,6 @@ def _queue(delivery_id: uuid.UUID, *, redelivery: bool = False) -> None:
     # on this (Django's) connection, in the open transaction.
     job_id = deliver.defer(delivery_id=str(delivery_id), redelivery=redelivery)
     wake_after_commit(job_id)
-
-
-# --- Waking the delivery workers ----------------------------------------------
-
-# procrastinate's workers LISTEN on these channels (its own naming) and fetch
-# jobs when told a job was inserted. Its insert trigger would NOTIFY inside
-# the transition's transaction; PostgreSQL commits notifying transactions
-# one at a time, each through its WAL flush, so the transitions that carry a
-# webhook would commit single file (docs/PERFORMANCE.md, "Webhooks"). The
-# trigger is disabled (migration 0002) and the wake-up is sent here, after
-# the commit, in a transaction of its own. A wake-up lost to a crash between
-# the two only delays the delivery to the worker's next poll
-# (``deliver_webhooks --poll-interval``): the job itself is committed.
-QUEUE = "webhooks"  # the delivery task's queue (webhooks.tasks)
-WAKE_CHANNELS = (
-    *get_channel_for_queues([QUEUE]),
-    *get_channel_for_queues(None),
-)
-# A statement of its own (autocommit): a wake-up is no state, so its commit
-# need not wait for the WAL flush (``synchronous_commit`` off for that one
-# transaction): a wake-up lost to a crash is a poll's delay.
-WAKE_SQL = "SELECT set_config('synchronous_commit', 'off', true), " + ", ".join(
-    ["pg_notify(%s, %s)"] * len(WAKE_CHANNELS)
-)
-_wake = threading.local()  # per thread, as Django's connections are
-
-
-def wake_after_commit(job_id: int) -> None:
-    """Wake the delivery workers once the current transaction commits.
-
-    Called for every job written; one NOTIFY per commit however many: the
-    first of the transaction's callbacks sends it, the others find it sent.
-    A transaction that rolls back leaves the flag up, so the next commit
-    sends one, which it would anyway.
-    """
-    _wake.pending = True
-    transaction.on_commit(lambda: _wake_workers(job_id), robust=True)
-
-
-def _wake_workers(job_id: int) -> None:
-    if not getattr(_wake, "pending", False):
-        return
-    _wake.pending = False
-    payload = json.dumps({"type": "job_inserted", "job_id": job_id})
-    with connection.cursor() as cursor:
-        cursor.execute(
-            WAKE_SQL,
-            [value for channel in WAKE_CHANNELS for value in (channel, payload)],
-        )
 
 
 # --- Attempts -----------------------------------------------------------------
@@ -513,8 +457,6 @@ def finished_jobs_prune(*, older_than: timedelta) -> None:
         return
     from asgiref.sync import async_to_sync
     from procrastinate.contrib.django import app
-
-    from webhooks.tasks import QUEUE
 
     async_to_sync(app.job_manager.delete_old_jobs)(
         nb_hours=max(int(older_than.total_seconds() // 3600), 0),

@@ -15,8 +15,8 @@ from procrastinate.jobs import Job
 from webhooks import services
 from webhooks.models import DeliveryState
 from webhooks.retry import RetryAt
+from webhooks.wake import QUEUE
 
-QUEUE = services.QUEUE
 # An unexpected error (the database unreachable while recording, a bug) is
 # retried too, so a committed event is not dropped: every few seconds, until
 # the job has run this many times in all (its delivery then stays pending,
