@@ -116,6 +116,12 @@ class Waker:
                     if self._asked != told:
                         self._notify(self._job_id)
                     return
+                if not self._due.is_set():
+                    # The burst is over. What Django does at the end of a
+                    # request: a broken connection is dropped, a pooled one
+                    # returned, an old one closed (and the next use checks
+                    # the connection first, ``CONN_HEALTH_CHECKS``).
+                    connection.close_if_unusable_or_obsolete()
         finally:
             connections.close_all()
 
@@ -129,15 +135,16 @@ class Waker:
                     NOTIFY_SQL,
                     [value for channel in CHANNELS for value in (channel, payload)],
                 )
+            if connection.pool is not None:
+                # A pool sized for the request threads: the slot goes back
+                # at once, or a busy waker would keep one from them.
+                connection.close()
         except Exception:  # the thread must outlive any failure; see above
             logger.warning(
                 "could not wake the webhook delivery workers; they will find "
                 "the job at their next poll",
                 exc_info=True,
             )
-        finally:
-            # What Django does at the end of a request: a broken connection
-            # is dropped, a pooled one returned, an old one closed.
             connection.close_if_unusable_or_obsolete()
 
 
