@@ -135,7 +135,16 @@ def post_worker_init(worker: Any) -> None:
 
 
 def worker_exit(server: Any, worker: Any) -> None:
-    """Close this worker's database pool so PostgreSQL sees clean disconnects."""
+    """Send the webhook wake-up still due (``webhooks.wake``), then close this
+    worker's database pool so PostgreSQL sees clean disconnects."""
+    try:
+        from webhooks.wake import waker
+
+        waker.stop(1.0)
+    except Exception as exc:  # a wake-up lost only waits for the workers' poll
+        server.log.warning(
+            "worker %s: stopping the webhook waker failed: %s", worker.pid, exc
+        )
     if not env_bool(os.environ, "DB_POOL"):
         return
     try:

@@ -51,7 +51,7 @@ def no_waker_left():
     yield
     wake = sys.modules.get("webhooks.wake")
     if wake is not None:
-        wake.waker.stop()
+        assert wake.waker.stop(), "the webhook waker thread did not stop"
 
 
 # Half a second into a one-minute window: what the stopped clock reads.

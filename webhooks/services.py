@@ -186,7 +186,7 @@ def emit(
 # ``configure()`` builds (queue, task name, priority, locks). Only the job's
 # id comes back: the delivery's id is made here, and reading back the row
 # just written (its payload among it) would cost the hot path more than the
-# rare caller that reads it. tests/test_webhook_delivery.py checks that the
+# rare caller that reads its timestamps. tests/test_webhook_delivery.py checks that the
 # row equals the ORM's and the job equals ``deliver.defer()``'s.
 OUTBOX_SQL = """
 WITH delivery AS (
@@ -243,8 +243,24 @@ def _write_outbox(
     # A prepared statement: every transition with a webhook runs it.
     ((job_ids,),) = fetch_all_prepared(OUTBOX_SQL, params)
     wake_after_commit(job_ids[0])
-    # The other fields are deferred: the ORM loads them if they are read.
-    return WebhookDelivery.from_db(connection.alias, ["id"], [delivery_id])
+    # The row as written; only the database's clock is deferred (loaded if
+    # read).
+    known = {
+        "id": delivery_id,
+        "generation_id": generation_id,
+        "event": event,
+        "url": url,
+        "payload": payload,
+        "state": DeliveryState.PENDING,
+        "attempts": 0,
+        "last_attempt_at": None,
+        "last_status": "",
+        "delivered_at": None,
+    }
+    names = [
+        f.attname for f in WebhookDelivery._meta.concrete_fields if f.attname in known
+    ]
+    return WebhookDelivery.from_db(connection.alias, names, [known[n] for n in names])
 
 
 def _queue(delivery_id: uuid.UUID, *, redelivery: bool = False) -> None:

@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Callable
 from functools import partial
 
 from django.db import connection, connections, transaction
@@ -62,7 +63,7 @@ class Waker:
         and wake-ups are not the child's."""
         self._lock = threading.Lock()
         self._due = threading.Event()
-        self._stopping = threading.Event()
+        self._stopping = threading.Event()  # the running thread's
         self._thread: threading.Thread | None = None
         # Bumped by every wake-up; the thread notifies when it has moved since
         # its last notification. Two requests may bump it at once and count
@@ -73,7 +74,8 @@ class Waker:
 
     def wake(self, job_id: int) -> None:
         """Have the workers woken for ``job_id`` (and whatever else is due)."""
-        if self._thread is None:
+        thread = self._thread
+        if thread is None or not thread.is_alive():
             self._start()
         self._job_id = job_id
         self._asked += 1
@@ -83,36 +85,45 @@ class Waker:
 
     def _start(self) -> None:
         with self._lock:
-            if self._thread is not None:
+            if self._thread is not None and self._thread.is_alive():
                 return
-            self._stopping.clear()
-            self._thread = threading.Thread(
-                target=self._run, args=(self._asked,), name="webhook waker", daemon=True
+            # Each thread has its own stop flag: a stop() of the previous one
+            # must not end this one.
+            stopping = threading.Event()
+            thread = threading.Thread(
+                target=self._run,
+                args=(self._asked, stopping),
+                name="webhook waker",
+                daemon=True,
             )
-            self._thread.start()
+            thread.start()
+            self._thread, self._stopping = thread, stopping
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Send what is due, then end the thread and close its connection."""
+    def stop(self, timeout: float = 5.0) -> bool:
+        """Send what is due, then end the thread and close its connection;
+        whether it ended within ``timeout``."""
         with self._lock:
             thread, self._thread = self._thread, None
+            stopping = self._stopping
         if thread is None:
-            return
-        self._stopping.set()
+            return True
+        stopping.set()
         self._due.set()
         thread.join(timeout)
+        return not thread.is_alive()
 
-    def _run(self, told: int) -> None:
+    def _run(self, told: int, stopping: threading.Event) -> None:
         try:
             while True:
-                self._due.wait(IDLE_SECONDS)
+                woken = self._due.wait(IDLE_SECONDS)
                 self._due.clear()
                 if self._asked != told:
                     told = self._asked
                     self._notify(self._job_id)
-                elif not self._stopping.is_set():
-                    connection.close()  # idle: let the connection go
+                elif not woken:
+                    self._release(connection.close)  # idle: let it go
                 # At most one notification per interval.
-                if self._stopping.is_set() or self._stopping.wait(self.interval):
+                if stopping.is_set() or stopping.wait(self.interval):
                     if self._asked != told:
                         self._notify(self._job_id)
                     return
@@ -121,31 +132,46 @@ class Waker:
                     # request: a broken connection is dropped, a pooled one
                     # returned, an old one closed (and the next use checks
                     # the connection first, ``CONN_HEALTH_CHECKS``).
-                    connection.close_if_unusable_or_obsolete()
+                    self._release(connection.close_if_unusable_or_obsolete)
         finally:
-            connections.close_all()
+            self._release(connections.close_all)
+
+    @staticmethod
+    def _release(close: Callable[[], None]) -> None:
+        """Let a connection go; closing a broken one may fail, and the thread
+        must outlive that (its next use connects afresh)."""
+        try:
+            close()
+        except Exception:
+            logger.warning(
+                "webhook waker: closing its connection failed", exc_info=True
+            )
 
     def _notify(self, job_id: int) -> None:
         # The notification names one job; procrastinate's workers only read
         # its type.
         payload = json.dumps({"type": "job_inserted", "job_id": job_id})
-        try:
-            with connection.cursor() as cursor:
-                cursor.execute(
-                    NOTIFY_SQL,
-                    [value for channel in CHANNELS for value in (channel, payload)],
-                )
+        params = [value for channel in CHANNELS for value in (channel, payload)]
+        for retry in (False, True):
+            try:
+                with connection.cursor() as cursor:
+                    cursor.execute(NOTIFY_SQL, params)
+            except Exception:  # the thread must outlive any failure; see above
+                # A connection lost mid-burst (a restart, a proxy's timeout):
+                # once more on a new one, then the workers' poll finds it.
+                self._release(connection.close)
+                if retry:
+                    logger.warning(
+                        "could not wake the webhook delivery workers; they "
+                        "will find the job at their next poll",
+                        exc_info=True,
+                    )
+                continue
             if connection.pool is not None:
                 # A pool sized for the request threads: the slot goes back
                 # at once, or a busy waker would keep one from them.
-                connection.close()
-        except Exception:  # the thread must outlive any failure; see above
-            logger.warning(
-                "could not wake the webhook delivery workers; they will find "
-                "the job at their next poll",
-                exc_info=True,
-            )
-            connection.close_if_unusable_or_obsolete()
+                self._release(connection.close)
+            return
 
 
 waker = Waker()
@@ -153,10 +179,23 @@ os.register_at_fork(after_in_child=waker.after_fork)
 atexit.register(waker.stop, 1.0)
 
 
+_commit = threading.local()  # per thread, as Django's connections are
+
+
 def wake_after_commit(job_id: int) -> None:
     """Wake the delivery workers once the current transaction commits.
 
-    A transaction that rolls back wakes nobody. ``robust``: the commit has
+    Called for every job written; one wake-up per commit however many: the
+    first of the transaction's callbacks asks, the others find it asked. A
+    transaction that rolls back wakes nobody (its flag stays up, and the
+    next commit asks, which it would anyway). ``robust``: the commit has
     happened whatever the wake-up does.
     """
-    transaction.on_commit(partial(waker.wake, job_id), robust=True)
+    _commit.pending = True
+    transaction.on_commit(partial(_wake_once, job_id), robust=True)
+
+
+def _wake_once(job_id: int) -> None:
+    if getattr(_commit, "pending", False):
+        _commit.pending = False
+        waker.wake(job_id)

@@ -4,8 +4,8 @@ procrastinate's insert trigger NOTIFYs its workers from inside the
 transaction that defers a job: for us, every transition that carries a
 webhook. PostgreSQL commits notifying transactions one at a time (a lock
 held through the commit's WAL flush), so those transitions would commit
-single file. The trigger is disabled; ``webhooks.services.wake_after_commit``
-sends the same notification once the transition has committed.
+single file. The trigger is disabled; ``webhooks.wake`` sends the same
+notification once the transition has committed.
 tests/test_webhook_worker.py checks that no trigger on procrastinate's jobs
 table NOTIFYs on insert, so a procrastinate upgrade that brings one back
 fails there.
