@@ -10,6 +10,7 @@ from django.db import connection, transaction
 from django.db.models.functions import Now
 
 from tests.factories import make_api_key, make_generation
+from tests.webhooks import job_of
 from webhooks import services
 from webhooks.models import WebhookDelivery
 
@@ -27,15 +28,6 @@ def emitted(key, *, state: str, days_old: int) -> WebhookDelivery:
         state=state, created_at=Now() - timedelta(days=days_old)
     )
     return row
-
-
-def job_of(row: WebhookDelivery) -> int:
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT id FROM procrastinate_jobs WHERE args->>'delivery_id' = %s",
-            [str(row.pk)],
-        )
-        return cursor.fetchone()[0]
 
 
 def finish_job(job_id: int, *, status: str, days_ago: int) -> None:

@@ -25,7 +25,7 @@ from tests.factories import claim_one, make_api_key, make_generation
 from tests.liveserver import live_api, migrate
 from tests.receiver import HANG, Receiver
 from tests.serving import BASE_DIR, VENV_BIN, manage, process_env, scratch_database
-from tests.webhooks import payload, verifies
+from tests.webhooks import job_of, payload, verifies
 from webhooks import services, wake
 from webhooks.models import WebhookDelivery
 
@@ -180,10 +180,7 @@ def test_a_committed_delivery_wakes_the_listening_worker(clean_queue, key):
         listener.execute("LISTEN procrastinate_any_queue_v1")
         row = emit(make_generation(api_key=key), "http://x.invalid/")
         notices = list(listener.notifies(timeout=WAIT_S, stop_after=2))
-        (job_id,) = listener.execute(
-            "SELECT id FROM procrastinate_jobs WHERE args ->> 'delivery_id' = %s",
-            [str(row.pk)],
-        ).fetchone()
+    job_id = job_of(row)
     assert sorted(notice.channel for notice in notices) == [
         "procrastinate_any_queue_v1",
         "procrastinate_queue_v1#webhooks",
@@ -195,15 +192,6 @@ def test_a_committed_delivery_wakes_the_listening_worker(clean_queue, key):
 
 def drain(listener: psycopg.Connection, timeout: float) -> list[str]:
     return [notice.payload for notice in listener.notifies(timeout=timeout)]
-
-
-def job_of(delivery: WebhookDelivery) -> int:
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT id FROM procrastinate_jobs WHERE args ->> 'delivery_id' = %s",
-            [str(delivery.pk)],
-        )
-        return cursor.fetchone()[0]
 
 
 @pytest.fixture

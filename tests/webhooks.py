@@ -55,3 +55,15 @@ def verifies(secret: str, received: Received) -> bool:
 
 def payload(received: Received) -> dict[str, Any]:
     return json.loads(received.body)
+
+
+def job_of(delivery: Any) -> int:
+    """The id of the procrastinate job that delivers ``delivery`` (its first)."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT min(id) FROM procrastinate_jobs WHERE args ->> 'delivery_id' = %s",
+            [str(delivery.pk)],
+        )
+        return cursor.fetchone()[0]
