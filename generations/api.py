@@ -476,7 +476,8 @@ LEASE_CONFLICT = {
         },
     ),
     heartbeat=documented(
-        "Worker: extend the lease (a cancelled job is returned as is: stop)",
+        "Worker: extend the lease (a job cancelled meanwhile is returned to "
+        "its holder as is: stop)",
         id_description=ID,
         request=LeaseSerializer,
         responses={

@@ -451,11 +451,15 @@ def transition_values(target: Status, *, lease_seconds: int = 0) -> dict[str, An
     else:
         values |= {
             "lease_expires_at": None,
-            "lease_token": None,
             "claimed_by": None,
             "completed_at": now,
             "duration_ms": DurationMs("started_at"),
         }
+        # A job cancelled while running keeps its holder's token: the
+        # holder's heartbeat is told the job was cancelled, and nobody else's
+        # (SPEC §5: a worker key sees only the jobs it holds).
+        if target != Status.CANCELLED:
+            values["lease_token"] = None
     return values
 
 

@@ -225,10 +225,10 @@ def generation_fail(
 def generation_heartbeat(*, pk: uuid.UUID, lease_token: uuid.UUID) -> Generation:
     """Extend the holder's lease.
 
-    A job cancelled meanwhile is returned unchanged so its worker learns to
-    stop (cancelling cleared the token, so any token gets that answer: it
-    reveals nothing and extends nothing). Raises LeaseLost for a token that
-    is not the running job's, InvalidTransition for a finished job.
+    A job cancelled while this token held it is returned unchanged so its
+    worker learns to stop (the cancel kept the token; it extends nothing).
+    Raises LeaseLost for a token that is not the running job's, nor the
+    cancelled job's last holder's; InvalidTransition for a finished job.
     """
     generation = _fenced(
         pk,
@@ -239,7 +239,10 @@ def generation_heartbeat(*, pk: uuid.UUID, lease_token: uuid.UUID) -> Generation
         return generation
     refusal = _why_refused(pk, Status.RUNNING)
     if isinstance(refusal, InvalidTransition) and refusal.current == Status.CANCELLED:
-        return Generation.objects.get(pk=pk)
+        cancelled = Generation.objects.filter(pk=pk, lease_token=lease_token).first()
+        if cancelled is None:
+            raise LeaseLost(pk)
+        return cancelled
     raise refusal
 
 

@@ -493,7 +493,8 @@ def test_deleting_a_running_job_cancels_it_so_its_worker_stops(
 
     stored = Generation.all_objects.get(pk=generation.pk)
     assert (stored.is_deleted, stored.status) == (True, Status.CANCELLED)
-    assert (stored.lease_expires_at, stored.lease_token) == (None, None)
+    assert stored.lease_expires_at is None
+    assert str(stored.lease_token) == claimed["lease_token"]  # its holder's, kept
     heartbeat = admin_api.post(f"generations/{generation.pk}/heartbeat", lease(claimed))
     assert heartbeat.status_code == HTTPStatus.NOT_FOUND
 
@@ -598,7 +599,15 @@ def test_heartbeat_tells_the_worker_its_job_was_cancelled(
 
     assert response.status_code == HTTPStatus.OK
     assert response.json()["status"] == "cancelled"
-    assert response.json()["lease_token"] is None
+    # The holder's own token: it was never in another answer than the claim's.
+    assert response.json()["lease_token"] == claimed["lease_token"]
+
+    stranger = admin_api.post(
+        f"generations/{claimed['id']}/heartbeat", {"lease_token": str(uuid.uuid4())}
+    )
+    assert stranger.status_code == HTTPStatus.CONFLICT
+    assert stranger.json()["code"] == "lease_lost"
+    assert "prompt" not in stranger.json()
 
 
 @pytest.mark.parametrize("verb", ["heartbeat", "complete", "fail"])

@@ -231,21 +231,29 @@ def test_a_malformed_lease_token_is_400_and_changes_nothing(
     assert Generation.objects.values().get(pk=job.pk) == before
 
 
-def test_every_claim_hands_out_a_fresh_token_and_leaving_running_clears_it(
+def test_every_claim_hands_out_a_fresh_token_and_a_requeue_clears_it(
     admin_api, owner_api, owner_key
 ):
+    """A cancel (or a delete, which cancels) keeps the holder's token, so
+    that holder alone is told the job was cancelled; going back to the queue
+    clears it."""
     jobs = [make_generation(api_key=owner_key[0]) for _ in range(3)]
-    tokens = {admin_api.claim_one()["lease_token"] for _ in jobs}
-    assert len(tokens) == 3  # one per claim, never shared
+    claimed = {
+        job["id"]: job["lease_token"] for job in (admin_api.claim_one() for _ in jobs)
+    }
+    assert len(set(claimed.values())) == 3  # one per claim, never shared
 
     owner_api.post(f"generations/{jobs[0].pk}/cancel")
     owner_api.delete(f"generations/{jobs[1].pk}")
     expire_lease(jobs[2].pk)
     Generation.objects.filter(pk=jobs[2].pk).transition(Status.QUEUED)
 
-    assert (
-        list(Generation.all_objects.values_list("lease_token", flat=True)) == [None] * 3
-    )
+    stored = dict(Generation.all_objects.values_list("id", "lease_token"))
+    assert {str(pk): token and str(token) for pk, token in stored.items()} == {
+        str(jobs[0].pk): claimed[str(jobs[0].pk)],
+        str(jobs[1].pk): claimed[str(jobs[1].pk)],
+        str(jobs[2].pk): None,
+    }
 
 
 @pytest.fixture

@@ -65,6 +65,7 @@ class Job:
     attempts: int = 0
     expired: bool = False
     tokens: list[uuid.UUID] = field(default_factory=list)
+    kept: uuid.UUID | None = None  # the holder's token a cancel kept
 
 
 class WorkerProtocol(RuleBasedStateMachine):
@@ -182,7 +183,13 @@ class WorkerProtocol(RuleBasedStateMachine):
         holds = token == current and job.status == Status.RUNNING
         before = Generation.objects.values().get(pk=job.pk)
         if not holds:
-            cancelled_heartbeat = verb == "heartbeat" and job.status == Status.CANCELLED
+            # Only the holder the cancel found is told (SPEC §5).
+            cancelled_heartbeat = (
+                verb == "heartbeat"
+                and job.status == Status.CANCELLED
+                and job.kept is not None
+                and token == job.kept
+            )
             if cancelled_heartbeat:
                 assert services[verb]().status == Status.CANCELLED
             else:
@@ -222,10 +229,11 @@ class WorkerProtocol(RuleBasedStateMachine):
                 generation_cancel(generation=generation)
             return
         generation_cancel(generation=generation)
+        if job.status == Status.RUNNING:
+            job.kept = job.tokens[-1]
+        # Its holder still holds it as far as it knows: its next heartbeat
+        # is told of the cancel (its complete or fail is refused).
         job.status, job.expired = Status.CANCELLED, False
-        for held in self.held:
-            if job in held:
-                held.remove(job)
 
     # --- invariants ----------------------------------------------------------
 
@@ -239,7 +247,12 @@ class WorkerProtocol(RuleBasedStateMachine):
             row = rows[job.pk]
             assert row["status"] == job.status, job
             assert row["attempts"] == job.attempts
-            expected_token = job.tokens[-1] if job.status == Status.RUNNING else None
+            if job.status == Status.RUNNING:
+                expected_token = job.tokens[-1]
+            elif job.status == Status.CANCELLED:
+                expected_token = job.kept  # its holder's, if it was running
+            else:
+                expected_token = None
             assert row["lease_token"] == expected_token
 
     @invariant()

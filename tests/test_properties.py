@@ -295,6 +295,7 @@ class Job:
     deleted: bool = False
     frozen: dict[str, Any] | None = None  # the row when it became terminal
     tokens: list[Any] = field(default_factory=list)  # one per claim, newest last
+    kept: Any = None  # the holder's token a cancel of the running job kept
 
     def token(self, *, stale: bool) -> Any:
         """The newest claim's lease token, or (stale) one an earlier claim had."""
@@ -422,6 +423,8 @@ def apply(model: Model, action: str, index: int) -> None:
         # Deleting a live job stops it (SPEC §11): queued or running → cancelled.
         Generation.objects.filter(pk=job.pk).delete()
         if not job.deleted and job.status in (Status.QUEUED, Status.RUNNING):
+            if job.status == Status.RUNNING:
+                job.kept = job.tokens[-1]
             job.status, job.expired_order = Status.CANCELLED, None
         job.deleted = True
         return
@@ -441,7 +444,9 @@ def apply(model: Model, action: str, index: int) -> None:
     elif job.status == Status.RUNNING:
         refusal = None
     elif job.status == Status.CANCELLED and target == Status.RUNNING:
-        refusal = None  # a cancelled job is handed back so its worker stops
+        # A cancelled job is handed back to the holder the cancel found, so
+        # it stops; anyone else is fenced off.
+        refusal = None if job.kept is not None and token == job.kept else LeaseLost
     else:
         refusal = InvalidTransition
     if refusal is not None:
@@ -454,6 +459,8 @@ def apply(model: Model, action: str, index: int) -> None:
             job.expired_order = None
         assert result.status == job.status
         return
+    if target == Status.CANCELLED and job.status == Status.RUNNING:
+        job.kept = job.tokens[-1]
     job.status, job.expired_order = target, None
     assert result.status == target
 
@@ -487,7 +494,9 @@ def check(model: Model, previous: dict[Any, dict[str, Any]]) -> dict[Any, Any]:
             assert current["completed_at"] is None
             assert current["attempts"] >= 1
             assert current["lease_token"] == job.tokens[-1]
-        if status != Status.RUNNING:
+        if status == Status.CANCELLED:
+            assert current["lease_token"] == job.kept
+        elif status != Status.RUNNING:
             assert current["lease_token"] is None
         else:
             assert current["lease_expires_at"] is None

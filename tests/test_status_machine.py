@@ -218,11 +218,31 @@ def test_heartbeat_extends_the_lease():
     assert beat.lease_expires_at > before
 
 
-def test_heartbeat_on_a_cancelled_job_returns_it_so_the_worker_stops():
-    generation = generation_in(Status.CANCELLED)
+def test_heartbeat_on_a_cancelled_job_returns_it_so_its_worker_stops():
+    make_generation()
+    held = claim_one()
+    generation_cancel(generation=held)
 
-    beat = generation_heartbeat(pk=generation.pk, lease_token=uuid.uuid4())
-    assert beat.status == Status.CANCELLED
+    beat = generation_heartbeat(pk=held.pk, lease_token=held.lease_token)
+    assert (beat.status, beat.lease_token) == (Status.CANCELLED, held.lease_token)
+    assert beat.lease_expires_at is None  # told, not extended
+
+
+def test_heartbeat_on_a_cancelled_job_with_another_token_is_lease_lost():
+    """Only the cancelled job's last holder is told (SPEC §5): another
+    worker's token, or one never issued, learns nothing of it."""
+    make_generation()
+    held = claim_one()
+    generation_cancel(generation=held)
+    queued_then_cancelled = generation_cancel(generation=make_generation())
+
+    for pk, token in [
+        (held.pk, uuid.uuid4()),
+        (queued_then_cancelled.pk, uuid.uuid4()),
+        (queued_then_cancelled.pk, held.lease_token),
+    ]:
+        with pytest.raises(LeaseLost):
+            generation_heartbeat(pk=pk, lease_token=token)
 
 
 def test_heartbeat_on_a_queued_job_is_lease_lost():
