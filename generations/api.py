@@ -13,6 +13,7 @@ from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
+from django.http.request import HttpHeaders
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema_view
 from rest_framework import exceptions, serializers
 from rest_framework.decorators import action
@@ -75,7 +76,7 @@ from lockngen.http.views import (
 from webhooks.fields import WebhookEventsFilterField, WebhookURLField
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
-IDEMPOTENCY_META_KEY = "HTTP_" + IDEMPOTENCY_HEADER.upper().replace("-", "_")
+IDEMPOTENCY_META_KEY = HttpHeaders.to_wsgi_name(IDEMPOTENCY_HEADER)
 IDEMPOTENCY_MAX_LENGTH = Generation._meta.get_field("idempotency_key").max_length
 STATUS_BY_NAME = {status.label: status for status in Status}
 

@@ -186,8 +186,9 @@ def emit(
 # ``configure()`` builds (queue, task name, priority, locks). Only the job's
 # id comes back: the delivery's id is made here, and reading back the row
 # just written (its payload among it) would cost the hot path more than the
-# rare caller that reads its timestamps. tests/test_webhook_delivery.py checks that the
-# row equals the ORM's and the job equals ``deliver.defer()``'s.
+# rare caller that reads its timestamps. tests/test_webhook_delivery.py
+# checks that the row equals the ORM's and the job equals
+# ``deliver.defer()``'s.
 OUTBOX_SQL = """
 WITH delivery AS (
     INSERT INTO webhook_deliveries
@@ -202,6 +203,15 @@ SELECT procrastinate_defer_jobs_v1(ARRAY[
        ])
 FROM delivery
 """
+
+
+# What ``emit`` returns of the row it wrote: every field but the database's
+# clock (deferred, loaded if read), in field order for ``from_db``.
+WRITTEN_FIELDS = tuple(
+    field.attname
+    for field in WebhookDelivery._meta.concrete_fields
+    if field.attname not in ("created_at", "next_attempt_at")
+)
 
 
 def delivery_job(delivery_id: uuid.UUID, *, redelivery: bool = False) -> Job:
@@ -243,9 +253,7 @@ def _write_outbox(
     # A prepared statement: every transition with a webhook runs it.
     ((job_ids,),) = fetch_all_prepared(OUTBOX_SQL, params)
     wake_after_commit(job_ids[0])
-    # The row as written; only the database's clock is deferred (loaded if
-    # read).
-    known = {
+    written = {
         "id": delivery_id,
         "generation_id": generation_id,
         "event": event,
@@ -257,10 +265,9 @@ def _write_outbox(
         "last_status": "",
         "delivered_at": None,
     }
-    names = [
-        f.attname for f in WebhookDelivery._meta.concrete_fields if f.attname in known
-    ]
-    return WebhookDelivery.from_db(connection.alias, names, [known[n] for n in names])
+    return WebhookDelivery.from_db(
+        connection.alias, WRITTEN_FIELDS, [written[name] for name in WRITTEN_FIELDS]
+    )
 
 
 def _queue(delivery_id: uuid.UUID, *, redelivery: bool = False) -> None:
