@@ -2,30 +2,50 @@
 
 Called by the transitions inside their own transaction: ``webhooks``' outbox
 writes the delivery in that transaction, so a transition that rolls back
-announces nothing and one that commits is delivered at least once.
+announces nothing and one that commits is delivered at least once. Which
+jobs get an event (their webhook and its ``webhook_events_filter``) is
+decided in the outbox's statement (``webhooks.services.emit``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import uuid
+from collections.abc import Collection, Iterable
 
-from generations.models import Generation, events_filter_names
+from django.db import connection
+
+from generations.models import Generation
 
 STARTED = "generation.start"  # a job's first claim
 FINISHED = "generation.completed"  # completed, failed or cancelled
 
 
 def announce(generations: Iterable[Generation], event: str) -> None:
-    """Queue ``event`` for each job that has a webhook wanting it."""
+    """Queue ``event`` for each of these jobs whose webhook wants it."""
+    announce_ids(
+        [generation.pk for generation in generations if generation.webhook], event
+    )
+
+
+def announce_ids(pks: Collection[uuid.UUID], event: str) -> None:
+    """``announce`` by id, for jobs known to have a webhook (a job without one
+    gets nothing; leaving it out saves the statement)."""
     # Imported here: webhooks' payload is generations.api's JSON, whose
     # module imports the services that call this.
     from webhooks.services import emit
 
-    for generation in generations:
-        if generation.webhook:
-            emit(
-                generation,
-                event,
-                url=generation.webhook,
-                events_filter=events_filter_names(generation.webhook_events_filter),
-            )
+    if pks:
+        emit(pks, event)
+
+
+def read_announcing(pk: uuid.UUID, event: str) -> Generation:
+    """The job ``pk`` as its transition just wrote it, with ``event``
+    announced: on PostgreSQL one statement reads it and writes the outbox
+    (``webhooks.services.emit_reading``), whether it has a webhook or not."""
+    if connection.vendor != "postgresql":
+        generation = Generation.objects.get(pk=pk)
+        announce([generation], event)
+        return generation
+    from webhooks.services import emit_reading
+
+    return emit_reading(pk, event)

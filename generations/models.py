@@ -193,7 +193,7 @@ class GenerationQuerySet(SoftDeleteQuerySet):
         the jobs announced are the ones it cancelled (a job created or
         claimed between two statements cannot slip through unannounced).
         """
-        from generations.events import FINISHED, announce
+        from generations.events import FINISHED, announce_ids
 
         live = set(sources_of(Status.CANCELLED))
         with transaction.atomic(using=self.db):
@@ -207,8 +207,7 @@ class GenerationQuerySet(SoftDeleteQuerySet):
             )
             result = super(GenerationQuerySet, locked).delete()
             announced = [pk for pk, status, hook in rows if status in live and hook]
-            if announced:
-                announce(Generation.all_objects.filter(pk__in=announced), FINISHED)
+            announce_ids(announced, FINISHED)
         return result
 
     delete.alters_data = True

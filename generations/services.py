@@ -18,7 +18,7 @@ from django.db.models import QuerySet
 from django.db.models.functions import Now
 
 from apikeys.models import ApiKey
-from generations.events import FINISHED, announce
+from generations.events import FINISHED, announce, read_announcing
 from generations.models import (
     REQUEST_FIELDS,
     Generation,
@@ -160,21 +160,30 @@ class LeaseLost(Exception):
 
 
 def _fenced(
-    pk: uuid.UUID, lease_token: uuid.UUID, values: dict[str, Any]
+    pk: uuid.UUID,
+    lease_token: uuid.UUID,
+    values: dict[str, Any],
+    *,
+    announcing: str | None = None,
 ) -> Generation | None:
-    """Apply ``values`` only if ``lease_token`` holds the running job.
+    """Apply ``values`` only if ``lease_token`` holds the running job; the job
+    as written, with the event ``announcing`` queued (``read_announcing``).
 
     The token is checked in the WHERE of the one UPDATE that changes the row,
     so no check-then-act can race with a re-claim. Inside the transaction the
     UPDATE's row lock keeps the read-back equal to what was written. Inside
-    a caller's transaction (``_finish``, which writes the webhook event in
-    it) no savepoint is needed: nothing here is caught and retried.
+    a caller's transaction (``_finish``) no savepoint is needed: nothing here
+    is caught and retried.
     """
     with transaction.atomic(savepoint=False):
         changed = Generation.objects.filter(
             pk=pk, lease_token=lease_token, status=Status.RUNNING
         ).update(**values)
-        return Generation.objects.get(pk=pk) if changed else None
+        if not changed:
+            return None
+        if announcing is None:
+            return Generation.objects.get(pk=pk)
+        return read_announcing(pk, announcing)
 
 
 def _why_refused(pk: uuid.UUID, target: Status) -> Exception:
@@ -191,10 +200,10 @@ def _finish(
     pk: uuid.UUID, lease_token: uuid.UUID, target: Status, extra: dict[str, Any]
 ) -> Generation:
     with transaction.atomic():
-        generation = _fenced(pk, lease_token, transition_values(target) | extra)
+        values = transition_values(target) | extra
+        generation = _fenced(pk, lease_token, values, announcing=FINISHED)
         if generation is None:
             raise _why_refused(pk, target)
-        announce([generation], FINISHED)
     return generation
 
 

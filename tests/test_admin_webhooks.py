@@ -5,11 +5,12 @@ from __future__ import annotations
 from http import HTTPStatus
 
 import pytest
-from django.db import transaction
 from django.urls import NoReverseMatch, reverse
+from django.utils.html import escape
 
 from tests.factories import make_api_key, make_generation
 from tests.test_admin import act, listed, texts
+from tests.webhooks import emit
 from webhooks import services
 from webhooks.models import WebhookDelivery
 
@@ -24,10 +25,7 @@ def key():
 
 
 def emitted(key, event="generation.completed"):
-    with transaction.atomic():
-        return services.emit(
-            make_generation(api_key=key), event, url="http://127.0.0.1:9/h"
-        )
+    return emit(make_generation(api_key=key), event, url="http://127.0.0.1:9/h")
 
 
 def test_deliveries_are_listed_and_filtered_by_state_and_event(admin_client, key):
@@ -66,6 +64,11 @@ def test_a_delivery_page_is_read_only_and_cannot_be_added_or_deleted(admin_clien
     )
     assert page.status_code == HTTPStatus.OK
     assert not page.context["adminform"].form.fields  # every field read-only
+    # Before the first attempt: the body it will send, made from the snapshot.
+    assert row.payload is None
+    body = services.delivery_payload(row)
+    assert '"type":"generation.completed"' in body
+    assert escape(body).encode() in page.content
     assert (
         admin_client.get(reverse("admin:webhooks_webhookdelivery_add")).status_code
         == HTTPStatus.FORBIDDEN

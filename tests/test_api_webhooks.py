@@ -7,10 +7,10 @@ from datetime import datetime, timedelta
 from http import HTTPStatus
 
 import pytest
-from django.db import connection, transaction
+from django.db import connection
 
 from tests.factories import make_generation
-from webhooks import services
+from tests.webhooks import emit
 from webhooks.models import WebhookDelivery
 
 pytestmark = pytest.mark.django_db
@@ -83,8 +83,7 @@ def test_the_secret_is_never_in_key_json(owner_api, admin_api, owner_key):
 
 
 def emitted(generation, event="generation.completed"):
-    with transaction.atomic():
-        return services.emit(generation, event, url="http://127.0.0.1:9/h")
+    return emit(generation, event, url="http://127.0.0.1:9/h")
 
 
 def test_the_owner_lists_a_jobs_deliveries_newest_first(owner_api, owner_key):

@@ -7,12 +7,12 @@ from datetime import timedelta
 from http import HTTPStatus
 
 import pytest
-from django.db import connection, transaction
+from django.db import connection
 from django.db.models.functions import Now
 from health_check.exceptions import ServiceWarning
 
 from tests.factories import make_api_key, make_generation
-from webhooks import services
+from tests.webhooks import emit
 from webhooks.health import DeliveryGauges
 from webhooks.models import WebhookDelivery
 
@@ -31,12 +31,7 @@ def key():
 
 
 def emitted(key):
-    with transaction.atomic():
-        return services.emit(
-            make_generation(api_key=key),
-            "generation.completed",
-            url="http://127.0.0.1:9/h",
-        )
+    return emit(make_generation(api_key=key), url="http://127.0.0.1:9/h")
 
 
 def worker_heartbeat(seconds_ago: float) -> None:

@@ -10,12 +10,11 @@ import pytest
 import yaml
 from django.contrib.staticfiles import finders
 from django.core.management import call_command
-from django.db import transaction
 from openapi_spec_validator import validate
 
 from generations.models import Generation, Status
 from tests.factories import make_api_key, make_generation
-from webhooks.services import emit
+from tests.webhooks import emit
 
 BODIES = {
     "generations_create": {"prompt": "documented"},
@@ -156,10 +155,7 @@ def documented_targets(owner_key):
             return path.format(id=make_api_key(name="target")[0].pk), None
         generation = make_generation(api_key=owner_key[0])
         if "{generation_id}" in path:
-            with transaction.atomic():
-                delivery = emit(
-                    generation, "generation.start", url="http://127.0.0.1:9/h"
-                )
+            delivery = emit(generation, "generation.start", url="http://127.0.0.1:9/h")
             return path.format(generation_id=generation.pk, id=delivery.pk), None
         if any(verb in path for verb in ("heartbeat", "complete", "fail")):
             Generation.objects.filter(pk=generation.pk).transition(

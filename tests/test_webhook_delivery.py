@@ -11,17 +11,18 @@ import socket
 import subprocess
 import sys
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from django.db import connection, transaction
 from django.db.models.functions import Now
 
 from generations.api import generation_json
+from generations.models import Generation
 from tests.factories import make_api_key, make_generation
 from tests.receiver import Receiver
 from tests.serving import BASE_DIR, free_port
-from tests.webhooks import payload, verifies
+from tests.webhooks import emit, job_of, payload, verifies
 from webhooks import services
 from webhooks.models import DeliveryState, WebhookDelivery, WebhookSecret
 
@@ -50,20 +51,19 @@ def queued_jobs() -> int:
 
 
 def emitted(generation, event="generation.completed", url="http://x.invalid/", **kw):
-    with transaction.atomic():
-        return services.emit(generation, event, url=url, **kw)
+    return emit(generation, event, url=url, **kw)
 
 
 def test_emit_writes_the_delivery_and_its_job_in_the_callers_transaction(key):
-    generation = make_generation(api_key=key)
+    generation = make_generation(api_key=key, webhook="http://x.invalid/")
     before = queued_jobs()
 
     class Rollback(Exception):
         pass
 
     with pytest.raises(Rollback), transaction.atomic():
-        services.emit(generation, "generation.start", url="http://x.invalid/")
-        assert WebhookDelivery.objects.count() == 1
+        (delivery_id,) = services.emit([generation.pk], "generation.start")
+        assert WebhookDelivery.objects.get().pk == delivery_id
         assert queued_jobs() == before + 1
         raise Rollback
 
@@ -84,22 +84,19 @@ JOB_COLUMNS = (
 def test_emits_one_statement_writes_what_the_orm_and_deliver_defer_would(key):
     from webhooks.tasks import deliver
 
-    generation = make_generation(api_key=key)
+    generation = make_generation(api_key=key, webhook="http://x.invalid/")
     with transaction.atomic():
-        row = services.emit(generation, "generation.completed", url="http://x.invalid/")
+        (delivery_id,) = services.emit([generation.pk], "generation.completed")
         # The job procrastinate's own defer writes for the same delivery.
-        deliver.defer(delivery_id=str(row.pk), redelivery=False)
+        deliver.defer(delivery_id=str(delivery_id), redelivery=False)
 
     fields = [field.attname for field in WebhookDelivery._meta.concrete_fields]
-    # Nothing is read back: the row as written, but for the database's clock.
-    assert row.get_deferred_fields() == {"created_at", "next_attempt_at"}
-    written = {f: getattr(row, f) for f in fields if f not in row.get_deferred_fields()}
-    row = WebhookDelivery.objects.get(pk=row.pk)
+    row = WebhookDelivery.objects.get(pk=delivery_id)
     orm = WebhookDelivery(
         generation_id=generation.pk,
         event="generation.completed",
         url="http://x.invalid/",
-        payload=row.payload,
+        snapshot=row.snapshot,
     )
     # What the ORM would have stored, but for the id and the clock (the
     # first attempt is due at once, on the statement's clock).
@@ -108,9 +105,15 @@ def test_emits_one_statement_writes_what_the_orm_and_deliver_defer_would(key):
     assert {f: getattr(row, f) for f in fields} == expected | {
         "next_attempt_at": row.created_at
     }
-    assert written == {f: getattr(row, f) for f in written}
     assert (row.state, row.attempts, row.last_status) == ("pending", 0, "")
-    body = json.loads(row.payload)
+    # No payload yet: the job as the transition left it, whole.
+    assert row.payload is None
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT to_jsonb(g) FROM generations g WHERE id = %s", [row.generation_id]
+        )
+        assert row.snapshot == json.loads(cursor.fetchone()[0])
+    body = json.loads(services.delivery_payload(row))
     assert (body["type"], body["data"]) == (
         "generation.completed",
         generation_json(generation),
@@ -146,13 +149,72 @@ def test_emits_one_statement_writes_what_the_orm_and_deliver_defer_would(key):
         assert cursor.fetchall() == [("deferred", 2)]
 
 
+def test_one_statement_emits_for_many_jobs_and_skips_those_without_a_webhook(key):
+    hooked = [
+        make_generation(api_key=key, webhook=f"http://x.invalid/{n}") for n in range(3)
+    ]
+    bare = make_generation(api_key=key)
+    with transaction.atomic():
+        ids = services.emit([job.pk for job in [*hooked, bare]], "generation.start")
+    rows = WebhookDelivery.objects.filter(pk__in=ids)
+    assert sorted((row.generation_id, row.url) for row in rows) == sorted(
+        (job.pk, job.webhook) for job in hooked
+    )
+    jobs = {job_of(row) for row in rows}
+    assert len(jobs) == 3 and None not in jobs  # a procrastinate job each
+
+
+def test_emit_reading_reads_the_job_back_as_the_orm_does(key):
+    hooked = make_generation(api_key=key, webhook="http://x.invalid/", seed=2**40)
+    bare = make_generation(api_key=key, guidance=0.1, negative_prompt="blur")
+    for job in (hooked, bare):
+        with transaction.atomic():
+            read = services.emit_reading(job.pk, "generation.completed")
+        orm = Generation.objects.get(pk=job.pk)
+        assert read.get_deferred_fields() == set()
+        assert [getattr(read, f.attname) for f in Generation._meta.concrete_fields] == [
+            getattr(orm, f.attname) for f in Generation._meta.concrete_fields
+        ]
+    (row,) = WebhookDelivery.objects.all()
+    assert row.generation_id == hooked.pk
+
+
+def test_the_payload_made_from_a_snapshot_is_the_owners_view_of_the_row(key):
+    """Every field type of the job through ``to_jsonb`` and back: floats,
+    big integers, text with quotes and non-ASCII, NULLs, timestamps with and
+    without microseconds."""
+    generation = make_generation(
+        api_key=key,
+        webhook="http://x.invalid/",
+        name='the "north" tower — ☾',
+        guidance=0.1,
+        seed=2**53 + 1,
+        negative_prompt=None,
+    )
+    Generation.objects.filter(pk=generation.pk).update(
+        started_at=datetime(2026, 12, 2, 9, 0, tzinfo=UTC),
+        error_message="ünïcode\n",
+    )
+    row = emitted(generation, "generation.start")
+    job = Generation.objects.get(pk=generation.pk)
+    body = json.loads(services.delivery_payload(row))
+    assert body == {
+        "type": "generation.start",
+        "timestamp": "2026-12-02T09:00:00+00:00",
+        "data": generation_json(job),
+    }
+    # A column the snapshot lacks (one added after it was taken): its default.
+    del row.snapshot["thumbnail_path"]
+    assert json.loads(services.delivery_payload(row))["data"]["thumbnail_path"] is None
+
+
 def test_emit_refuses_to_run_outside_a_transaction(key):
     generation = make_generation(api_key=key)
     # pytest-django's test transaction is an atomic block: leave it for real.
     with pytest.raises(RuntimeError, match="inside the transition"):
         connection.in_atomic_block = False
         try:
-            services.emit(generation, "generation.start", url="http://x.invalid/")
+            services.emit([generation.pk], "generation.start")
         finally:
             connection.in_atomic_block = True
 

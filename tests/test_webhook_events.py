@@ -35,7 +35,10 @@ HOOK = "http://127.0.0.1:9/hooks"  # never contacted: no worker runs in these
 def events(job_id: str) -> list[tuple[str, str]]:
     """(event, job status in its payload) of a job's deliveries, in order."""
     rows = WebhookDelivery.objects.filter(generation_id=job_id).order_by("created_at")
-    return [(row.event, json.loads(row.payload)["data"]["status"]) for row in rows]
+    return [
+        (row.event, json.loads(services.delivery_payload(row))["data"]["status"])
+        for row in rows
+    ]
 
 
 def create(api, **body) -> dict:

@@ -6,24 +6,18 @@ from datetime import timedelta
 
 import pytest
 from django.core.management import call_command
-from django.db import connection, transaction
+from django.db import connection
 from django.db.models.functions import Now
 
 from tests.factories import make_api_key, make_generation
-from tests.webhooks import job_of
-from webhooks import services
+from tests.webhooks import emit, job_of
 from webhooks.models import WebhookDelivery
 
 pytestmark = pytest.mark.django_db
 
 
 def emitted(key, *, state: str, days_old: int) -> WebhookDelivery:
-    with transaction.atomic():
-        row = services.emit(
-            make_generation(api_key=key),
-            "generation.completed",
-            url="http://127.0.0.1:9/h",
-        )
+    row = emit(make_generation(api_key=key), url="http://127.0.0.1:9/h")
     WebhookDelivery.objects.filter(pk=row.pk).update(
         state=state, created_at=Now() - timedelta(days=days_old)
     )

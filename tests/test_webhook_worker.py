@@ -25,6 +25,7 @@ from tests.factories import claim_one, make_api_key, make_generation
 from tests.liveserver import live_api, migrate
 from tests.receiver import HANG, Receiver
 from tests.serving import BASE_DIR, VENV_BIN, manage, process_env, scratch_database
+from tests.webhooks import emit as emitted
 from tests.webhooks import job_of, payload, verifies
 from webhooks import services, wake
 from webhooks.models import WebhookDelivery
@@ -147,8 +148,7 @@ def key():
 
 
 def emit(generation, url: str, event: str = "generation.completed") -> WebhookDelivery:
-    with transaction.atomic():
-        return services.emit(generation, event, url=url)
+    return emitted(generation, event, url=url)
 
 
 def settled(row: WebhookDelivery, state: str) -> WebhookDelivery:
@@ -218,7 +218,7 @@ def test_a_burst_of_commits_is_one_wake_up_after_the_last(clean_queue, key, slow
         burst = drain(listener, slow_waker.interval + 1.0)
 
         with transaction.atomic():
-            services.emit(generations[0], "generation.start", url="http://x.invalid/")
+            emit(generations[0], "http://x.invalid/", "generation.start")
             transaction.set_rollback(True)
         after_rollback = drain(listener, slow_waker.interval + 0.5)
 
@@ -236,9 +236,7 @@ def test_one_commit_of_many_jobs_is_one_wake_up(clean_queue, key):
         listener.execute('LISTEN "procrastinate_queue_v1#webhooks"')
         with transaction.atomic():
             for generation in generations:
-                services.emit(
-                    generation, "generation.completed", url="http://x.invalid/"
-                )
+                emit(generation, "http://x.invalid/")
         notices = drain(listener, 1.0)
     assert len(notices) == 1
     assert open_jobs() == 3
@@ -417,7 +415,7 @@ def test_a_transition_that_rolls_back_sends_nothing(key, start_worker, receivers
         pass
 
     with contextlib.suppress(Rollback), transaction.atomic():
-        services.emit(rolled_back, "generation.completed", url=receiver.url)
+        emit(rolled_back, receiver.url)
         raise Rollback
     # A committed event afterwards: once it has arrived, the worker has had
     # every chance to send the other one too.
@@ -485,14 +483,11 @@ def test_deliver_webhooks_refuses_to_start_on_the_sqlite_fallback():
 # --- PostgreSQL restarted with deliveries pending (a throwaway cluster) --------
 
 EMIT_ON_CLUSTER = """
-from django.db import transaction
 from tests.factories import make_api_key, make_generation
-from webhooks.services import emit
+from tests.webhooks import emit
 key, _ = make_api_key(name="restart", rate_limit=0)
 for _ in range({count}):
-    generation = make_generation(api_key=key)
-    with transaction.atomic():
-        print(emit(generation, "generation.completed", url="{url}").pk)
+    print(emit(make_generation(api_key=key), url="{url}").pk)
 """
 
 

@@ -67,3 +67,37 @@ def job_of(delivery: Any) -> int:
             [str(delivery.pk)],
         )
         return cursor.fetchone()[0]
+
+
+def emit(
+    generation: Any,
+    event: str = "generation.completed",
+    *,
+    url: str | None,
+    events_filter: Any = None,
+) -> Any:
+    """The delivery a transition's outbox writes of ``event`` for
+    ``generation`` once its webhook is ``url`` (and its filter
+    ``events_filter``, None: both), or None when it writes none.
+
+    In an atomic block of its own (a savepoint inside the caller's), as a
+    transition would be; the job's webhook is set on the row and on
+    ``generation``, so its JSON is still the row's.
+    """
+    from django.db import transaction
+
+    from generations.models import WEBHOOK_EVENTS, Generation, events_filter_text
+    from webhooks import services
+    from webhooks.models import WebhookDelivery
+
+    generation.webhook = url
+    generation.webhook_events_filter = events_filter_text(
+        WEBHOOK_EVENTS if events_filter is None else events_filter
+    )
+    with transaction.atomic():
+        Generation.all_objects.filter(pk=generation.pk).update(
+            webhook=generation.webhook,
+            webhook_events_filter=generation.webhook_events_filter,
+        )
+        ids = services.emit([generation.pk], event)
+    return WebhookDelivery.objects.get(pk=ids[0]) if ids else None

@@ -13,7 +13,11 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 
 from webhooks.models import WebhookDelivery
-from webhooks.services import WebhooksUnavailable, delivery_redeliver
+from webhooks.services import (
+    WebhooksUnavailable,
+    delivery_payload,
+    delivery_redeliver,
+)
 
 
 @admin.register(WebhookDelivery)
@@ -44,7 +48,7 @@ class WebhookDeliveryAdmin(admin.ModelAdmin):
         ("attempts", "last_status"),
         ("created_at", "last_attempt_at"),
         ("next_attempt_at", "delivered_at"),
-        "payload",
+        "body",
     )
 
     def get_readonly_fields(
@@ -58,6 +62,11 @@ class WebhookDeliveryAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # deliveries come from transitions only
+
+    @admin.display(description="payload")
+    def body(self, obj: WebhookDelivery) -> str:
+        """What it sends: as sent, or (before the first attempt) as it will be."""
+        return delivery_payload(obj)
 
     def has_delete_permission(
         self, request: HttpRequest, obj: WebhookDelivery | None = None

@@ -1,10 +1,11 @@
 """Webhook deliveries (the outbox's durable record) and each key's signing secrets.
 
 A delivery row is written in the same transaction as the transition that
-causes it (``webhooks.services.emit``); its id is the Standard Webhooks
-``webhook-id``, the same on every attempt. The secrets live in a table of
-their own, one row per API key, so that no key JSON, key admin page or key
-query ever carries them.
+causes it (``webhooks.services.emit``), with the job as the transition left
+it; the first attempt renders the payload from that and keeps it. Its id is
+the Standard Webhooks ``webhook-id``, the same on every attempt. The secrets
+live in a table of their own, one row per API key, so that no key JSON, key
+admin page or key query ever carries them.
 """
 
 from __future__ import annotations
@@ -49,8 +50,14 @@ class WebhookDelivery(models.Model):
     )
     event = models.CharField(max_length=32, choices=Event.choices)
     url = models.CharField(max_length=2000)
-    # The exact body sent (text, not jsonb: jsonb would reorder its keys).
-    payload = models.TextField()
+    # The job as the event saw it (``to_jsonb`` of its row, written in the
+    # statement that reads the transition back: ``services.emit``), until
+    # the first attempt renders the payload from it.
+    snapshot = models.JSONField(null=True, blank=True, editable=False)
+    # The exact body sent (text, not jsonb: jsonb would reorder its keys),
+    # rendered once, at the first attempt; every later one sends it again.
+    # NULL until then: "not made yet", which no body (JSON) can be mistaken for.
+    payload = models.TextField(null=True, blank=True)  # noqa: DJ001
     created_at = models.DateTimeField(db_default=Now(), editable=False)
     state = models.CharField(
         max_length=16,
@@ -98,6 +105,11 @@ class WebhookDelivery(models.Model):
             ),
             models.CheckConstraint(
                 condition=Q(event__in=Event.values), name="webhook_deliv_event_valid"
+            ),
+            # Something to send: the job's snapshot, or the payload made from it.
+            models.CheckConstraint(
+                condition=Q(payload__isnull=False) | Q(snapshot__isnull=False),
+                name="webhook_deliv_has_body",
             ),
         ]
 

@@ -16,15 +16,15 @@ import json
 import logging
 import random
 import uuid
-from collections.abc import Iterable
+from collections.abc import Collection
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import Case, F, Q, Value, When
-from django.db.models.functions import Now
+from django.db.models.functions import Coalesce, Now
 from procrastinate.jobs import Job
 from psycopg.types.json import Jsonb
 
@@ -40,12 +40,15 @@ from webhooks.models import (
 )
 from webhooks.wake import QUEUE, wake_after_commit
 
+if TYPE_CHECKING:
+    from generations.models import Generation
+
 logger = logging.getLogger(__name__)
 
 # Both secrets sign for this long after a rotation (SPEC §5, §10).
 ROTATION_OVERLAP = timedelta(hours=24)
 JITTER = 0.10  # ±10 % on every retry delay
-DEFAULT_EVENTS_FILTER = tuple(EVENT_BY_FILTER_NAME)  # ("start", "completed")
+FILTER_NAME_OF_EVENT = {event: name for name, event in EVENT_BY_FILTER_NAME.items()}
 UNAVAILABLE = (
     "Webhooks need PostgreSQL: set DATABASE_URL (the SQLite development "
     "fallback has no delivery queue)."
@@ -118,100 +121,71 @@ def _signing(current: str, previous: str | None, overlapping: bool | None) -> li
 
 # --- Emit (the outbox) ------------------------------------------------------
 
-
-def _payload(generation: Any, event: str) -> str:
-    # Imported here: generations.api imports the services that will call emit.
-    from generations.api import generation_json
-
-    data = generation_json(generation)
-    moment = (
-        generation.started_at if event == Event.START else generation.completed_at
-    ) or (generation.updated_at or generation.created_at)
-    body = {
-        "type": event,
-        "timestamp": None if moment is None else moment.isoformat(),
-        "data": data,
-    }
-    return json.dumps(body, separators=(",", ":"))
-
-
-def emit(
-    generation: Any,
-    event: str,
-    *,
-    url: str | None,
-    events_filter: Iterable[str] | None = None,
-) -> WebhookDelivery | None:
-    """Write the delivery of ``event`` and queue its job, in the caller's transaction.
-
-    Args:
-        generation: the job, as the transition just saved it (its timestamps
-            are the database's).
-        event: ``generation.start`` or ``generation.completed``.
-        url: the job's ``webhook`` (None: no webhook, nothing happens).
-        events_filter: the job's ``webhook_events_filter`` (None: both).
-
-    Must run inside the transition's ``transaction.atomic()``: that is what
-    makes a rolled-back transition send nothing. Jobs without a key (shell,
-    admin) have no webhooks.
-    """
-    if event not in Event.values:
-        raise ValueError(f"unknown webhook event {event!r}")
-    wanted = {
-        EVENT_BY_FILTER_NAME[name]
-        for name in (DEFAULT_EVENTS_FILTER if events_filter is None else events_filter)
-    }
-    if not url or event not in wanted or generation.api_key_id is None:
-        return None
-    if not webhooks_available():
-        raise WebhooksUnavailable
-    if not connection.in_atomic_block:
-        raise RuntimeError("emit() must run inside the transition's transaction")
-    row = _write_outbox(
-        generation_id=generation.pk,
-        event=event,
-        url=url,
-        payload=_payload(generation, event),
-    )
-    logger.debug("webhook %s queued: %s of %s", row.pk, event, generation.pk)
-    return row
-
-
-# The delivery row and its procrastinate job in one statement (one round trip
-# on the transition's hot path instead of an ORM INSERT and procrastinate's
-# own defer query). The job goes through procrastinate's own SQL function,
-# ``procrastinate_defer_jobs_v1`` — what ``deliver.defer()`` runs, so its
-# triggers (the ``deferred`` event) fire as they would; the wake-up is
-# ``wake_after_commit``'s — with the values of the job procrastinate's
-# ``configure()`` builds (queue, task name, priority, locks). Only the job's
-# id comes back: the delivery's id is made here, and reading back the row
-# just written (its payload among it) would cost the hot path more than the
-# rare caller that reads its timestamps. tests/test_webhook_delivery.py
-# checks that the row equals the ORM's and the job equals
-# ``deliver.defer()``'s.
-OUTBOX_SQL = """
-WITH delivery AS (
+# The outbox as SQL over ``g``, the jobs a transition just wrote (the
+# statement that reads them back defines ``g``): for each job whose webhook
+# wants ``event`` — the one place that rule is written (SPEC §10: the
+# job's ``webhook_events_filter``; jobs without a key have none) — a
+# delivery row with the job's row as its snapshot, and its procrastinate
+# job through procrastinate's own SQL function,
+# ``procrastinate_defer_jobs_v1`` (what ``deliver.defer()`` runs, so its
+# triggers fire as they would), with the values of the job procrastinate's
+# ``configure()`` builds. ``j`` is empty when no job wants the event. The
+# payload is rendered from the snapshot at the first attempt
+# (``delivery_payload``): one statement on the transition's hot path instead
+# of a read-back, a payload built in Python and an INSERT.
+# tests/test_webhook_delivery.py checks the rows against the ORM's, the job
+# against ``deliver.defer()``'s and the payload against ``generation_json``.
+_OUTBOX = """
+d AS (
     INSERT INTO webhook_deliveries
-        (id, generation_id, event, url, payload, state, attempts, last_status,
+        (id, generation_id, event, url, snapshot, state, attempts, last_status,
          next_attempt_at)
-    VALUES (%s, %s, %s, %s, %s, %s, 0, '', STATEMENT_TIMESTAMP())
+    SELECT gen_random_uuid(), g.id, %(event)s, g.webhook, to_jsonb(g),
+           %(pending)s, 0, '', STATEMENT_TIMESTAMP()
+    FROM g
+    WHERE g.webhook <> '' AND g.api_key_id IS NOT NULL
+      AND %(filter_name)s = ANY(string_to_array(g.webhook_events_filter, ','))
     RETURNING id
-)
-SELECT procrastinate_defer_jobs_v1(ARRAY[
-           ROW(%s::varchar, %s::varchar, %s::integer, %s::text, %s::text,
-               %s::jsonb, %s::timestamptz)::procrastinate_job_to_defer_v1
-       ])
-FROM delivery
-"""
+),
+j AS (
+    SELECT array_agg(d.id) AS deliveries,
+           procrastinate_defer_jobs_v1(array_agg(ROW(
+               %(queue)s::varchar, %(task)s::varchar, %(priority)s::integer,
+               %(lock)s::text, %(queueing_lock)s::text,
+               %(kwargs)s::jsonb || jsonb_build_object('delivery_id', d.id::text),
+               %(scheduled_at)s::timestamptz)::procrastinate_job_to_defer_v1
+           )) AS jobs
+    FROM d
+    HAVING count(*) > 0
+)"""
 
 
-# What ``emit`` returns of the row it wrote: every field but the database's
-# clock (deferred, loaded if read), in field order for ``from_db``.
-WRITTEN_FIELDS = tuple(
-    field.attname
-    for field in WebhookDelivery._meta.concrete_fields
-    if field.attname not in ("created_at", "next_attempt_at")
-)
+@functools.cache
+def _columns() -> str:
+    from generations.models import Generation
+
+    return ", ".join(
+        connection.ops.quote_name(field.column)
+        for field in Generation._meta.concrete_fields
+    )
+
+
+def _outbox_sql(where: str, select: str) -> str:
+    """The jobs ``where`` matches as ``g``, the outbox over them, then
+    ``select`` (constants of this module's; values are parameters)."""
+    columns = _columns()
+    sql = f"WITH g AS (SELECT {columns} FROM generations WHERE {where}),{_OUTBOX}"  # noqa: S608
+    return f"{sql} {select.format(columns=columns)}"
+
+
+@functools.cache
+def _emit_sql() -> str:
+    return _outbox_sql("id = ANY(%(ids)s::uuid[])", "SELECT deliveries, jobs FROM j")
+
+
+@functools.cache
+def _read_sql() -> str:
+    return _outbox_sql("id = %(id)s", "SELECT {columns}, (SELECT jobs FROM j) FROM g")
 
 
 def delivery_job(delivery_id: uuid.UUID, *, redelivery: bool = False) -> Job:
@@ -230,44 +204,115 @@ def _first_attempt_job() -> Job:
     return delivery_job(uuid.UUID(int=0))
 
 
-def _write_outbox(
-    *, generation_id: uuid.UUID, event: str, url: str, payload: str
-) -> WebhookDelivery:
-    delivery_id = uuid.uuid4()
+def _outbox_params(event: str) -> dict[str, Any]:
+    if event not in Event.values:
+        raise ValueError(f"unknown webhook event {event!r}")
+    if not webhooks_available():
+        raise WebhooksUnavailable
+    if not connection.in_atomic_block:
+        raise RuntimeError("emit() must run inside the transition's transaction")
     job = _first_attempt_job()
-    params = [
-        delivery_id,
-        generation_id,
-        event,
-        url,
-        payload,
-        DeliveryState.PENDING,
-        job.queue,
-        job.task_name,
-        job.priority,
-        job.lock,
-        job.queueing_lock,
-        Jsonb({**job.task_kwargs, "delivery_id": str(delivery_id)}),
-        job.scheduled_at,
-    ]
-    # A prepared statement: every transition with a webhook runs it.
-    ((job_ids,),) = fetch_all_prepared(OUTBOX_SQL, params)
-    wake_after_commit(job_ids[0])
-    written = {
-        "id": delivery_id,
-        "generation_id": generation_id,
+    return {
         "event": event,
-        "url": url,
-        "payload": payload,
-        "state": DeliveryState.PENDING,
-        "attempts": 0,
-        "last_attempt_at": None,
-        "last_status": "",
-        "delivered_at": None,
+        "filter_name": FILTER_NAME_OF_EVENT[event],
+        "pending": DeliveryState.PENDING,
+        "queue": job.queue,
+        "task": job.task_name,
+        "priority": job.priority,
+        "lock": job.lock,
+        "queueing_lock": job.queueing_lock,
+        "kwargs": Jsonb(job.task_kwargs),
+        "scheduled_at": job.scheduled_at,
     }
-    return WebhookDelivery.from_db(
-        connection.alias, WRITTEN_FIELDS, [written[name] for name in WRITTEN_FIELDS]
-    )
+
+
+def emit(generation_ids: Collection[uuid.UUID], event: str) -> list[uuid.UUID]:
+    """Write ``event``'s deliveries for those of these jobs whose webhook
+    wants it, and queue their jobs, in the caller's transaction.
+
+    Must run inside the transition's ``transaction.atomic()`` (after its
+    UPDATE): that is what makes a rolled-back transition send nothing. The
+    job is read as the transition left it. Returns the deliveries' ids.
+    Raises ``WebhooksUnavailable`` on the SQLite fallback.
+    """
+    params = _outbox_params(event) | {"ids": list(generation_ids)}
+    rows = fetch_all_prepared(_emit_sql(), params)  # prepared: claims run it
+    if not rows:
+        return []
+    ((deliveries, jobs),) = rows
+    wake_after_commit(jobs[0])
+    logger.debug("webhooks queued: %s of %s", event, generation_ids)
+    return deliveries
+
+
+def emit_reading(pk: uuid.UUID, event: str) -> Generation:
+    """The job ``pk`` read back after its transition, in the statement that
+    emits ``event`` for it (``emit``): one round trip for a transition with
+    or without a webhook. Same rules as ``emit``."""
+    from generations.models import Generation
+
+    params = _outbox_params(event) | {"id": pk}
+    ((*values, jobs),) = fetch_all_prepared(_read_sql(), params)
+    if jobs:
+        wake_after_commit(jobs[0])
+    return Generation.from_db(connection.alias, _generation_attnames(), values)
+
+
+@functools.cache
+def _generation_attnames() -> tuple[str, ...]:
+    from generations.models import Generation
+
+    return tuple(field.attname for field in Generation._meta.concrete_fields)
+
+
+# --- The payload --------------------------------------------------------------
+
+
+def _job_at_event(snapshot: dict[str, Any]) -> Generation:
+    """The job as its snapshot (``to_jsonb`` of its row) holds it, each value
+    through its field's ``to_python``; datetimes in UTC, as the database
+    connection reads them. A column the snapshot lacks (added later) takes
+    the field's default."""
+    from generations.models import Generation
+
+    values = {}
+    for field in Generation._meta.concrete_fields:
+        if field.column in snapshot:
+            value = field.to_python(snapshot[field.column])
+            if isinstance(value, datetime):
+                value = value.astimezone(UTC)
+            values[field.attname] = value
+    return Generation(**values)
+
+
+def render_payload(generation: Generation, event: str) -> str:
+    """The body of ``event`` for the job (SPEC §10): its owner's view."""
+    # Imported here: generations.api imports the services that call emit.
+    from generations.api import generation_json
+
+    moment = (
+        generation.started_at if event == Event.START else generation.completed_at
+    ) or (generation.updated_at or generation.created_at)
+    body = {
+        "type": event,
+        "timestamp": None if moment is None else moment.isoformat(),
+        "data": generation_json(generation),
+    }
+    return json.dumps(body, separators=(",", ":"))
+
+
+def delivery_payload(delivery: WebhookDelivery) -> str:
+    """What the delivery sends: the payload kept by its first attempt, or
+    rendered from the job's snapshot before that."""
+    if delivery.payload is not None:
+        return delivery.payload
+    return _rendered(delivery.event, delivery.snapshot)
+
+
+def _rendered(event: str, snapshot: Any) -> str:
+    if isinstance(snapshot, str):  # jsonb read on a cursor comes as text
+        snapshot = json.loads(snapshot)
+    return render_payload(_job_at_event(snapshot), event)
 
 
 def _queue(delivery_id: uuid.UUID, *, redelivery: bool = False) -> None:
@@ -298,13 +343,14 @@ def retry_delay(attempts_made: int) -> float | None:
     return base * random.uniform(1 - JITTER, 1 + JITTER)  # noqa: S311 - jitter
 
 
-# What an attempt needs, in one statement: the delivery, its owner (the job's
-# key) and the owner's secrets with the rotation's overlap on the database
-# clock (no secret yet: the key's first delivery, NULLs). The join to
-# generations is the ORM's for ``generation__api_key`` (no soft-delete filter:
+# What an attempt needs, in one statement: the delivery (its payload, or the
+# job's snapshot to render it from), its owner (the job's key) and the
+# owner's secrets with the rotation's overlap on the database clock (no
+# secret yet: the key's first delivery, NULLs). The join to generations is
+# the ORM's for ``generation__api_key`` (no soft-delete filter:
 # a deleted job's events are still delivered).
 ATTEMPT_SQL = """
-SELECT d.id, d.url, d.payload, d.state, g.api_key_id,
+SELECT d.id, d.url, d.event, d.payload, d.snapshot, d.state, g.api_key_id,
        s.current, s.previous, s.rotated_at > STATEMENT_TIMESTAMP() - %s
 FROM webhook_deliveries d
 JOIN generations g ON g.id = d.generation_id
@@ -312,10 +358,14 @@ LEFT JOIN webhook_secrets s ON s.api_key_id = g.api_key_id
 WHERE d.id = %s
 """
 # A delivered or gone attempt does not depend on what the row held: one
-# UPDATE (its row lock orders it after a concurrent attempt's), no read.
+# UPDATE (its row lock orders it after a concurrent attempt's), no read. The
+# payload rendered for a first attempt is kept (a concurrent attempt's, the
+# same bytes, if it came first).
 FINISHED_SQL = """
 UPDATE webhook_deliveries
-SET attempts = attempts + 1,
+SET payload = COALESCE(payload, %s),
+    snapshot = NULL,
+    attempts = attempts + 1,
     last_attempt_at = STATEMENT_TIMESTAMP(),
     last_status = %s,
     state = %s,
@@ -340,9 +390,22 @@ def delivery_attempt(
         row = cursor.fetchone()
     if row is None:
         return None
-    pk, url, body, state, api_key_id, current, previous, overlapping = row
+    (
+        pk,
+        url,
+        event,
+        body,
+        snapshot,
+        state,
+        api_key_id,
+        current,
+        previous,
+        overlapping,
+    ) = row
     if not redelivery and state != DeliveryState.PENDING:
         return None
+    if body is None:  # the first attempt: the payload is made now, and kept
+        body = _rendered(event, snapshot)
     if current is None:  # the key's first delivery: its secret is made now
         current = webhook_secret_get(api_key=ApiKey.objects.get(pk=api_key_id)).current
     outcome = delivery.attempt(
@@ -356,12 +419,12 @@ def delivery_attempt(
         resolver=resolver,
     )
     if outcome.delivered or outcome.gone:
-        return _record_finished(pk, outcome)
-    return _record_failure(pk, outcome, redelivery=redelivery)
+        return _record_finished(pk, body, outcome)
+    return _record_failure(pk, body, outcome, redelivery=redelivery)
 
 
 def _record_finished(
-    delivery_id: uuid.UUID, outcome: delivery.Outcome
+    delivery_id: uuid.UUID, body: str, outcome: delivery.Outcome
 ) -> AttemptResult:
     state = DeliveryState.DELIVERED if outcome.delivered else DeliveryState.GONE
     with (
@@ -370,7 +433,7 @@ def _record_finished(
     ):
         cursor.execute(
             FINISHED_SQL,
-            [outcome.status[:100], state, outcome.delivered, delivery_id],
+            [body, outcome.status[:100], state, outcome.delivered, delivery_id],
         )
         row = cursor.fetchone()
     if row is None:  # deleted since it was read
@@ -381,7 +444,7 @@ def _record_finished(
 
 @transaction.atomic
 def _record_failure(
-    delivery_id: uuid.UUID, outcome: delivery.Outcome, *, redelivery: bool
+    delivery_id: uuid.UUID, body: str, outcome: delivery.Outcome, *, redelivery: bool
 ) -> AttemptResult:
     """An attempt that did not reach a 2xx or 410: what comes next depends on
     the attempts made and the schedule, read under the row's lock."""
@@ -397,7 +460,7 @@ def _record_failure(
         # the wire: counted, but neither un-finished nor scheduled again.
         WebhookDelivery.objects.filter(pk=delivery_id).update(
             attempts=F("attempts") + 1, last_attempt_at=Now()
-        )
+        )  # finished: its payload is kept already
         _log_attempt(delivery_id, attempts, outcome, row["state"])
         return AttemptResult(state=row["state"], retry_at=None)
     if redelivery:
@@ -412,6 +475,8 @@ def _record_failure(
         else:
             state, next_at = DeliveryState.PENDING, Now() + timedelta(seconds=delay)
     WebhookDelivery.objects.filter(pk=delivery_id).update(
+        payload=Coalesce("payload", Value(body)),
+        snapshot=None,
         attempts=F("attempts") + 1,
         last_attempt_at=Now(),
         last_status=outcome.status[:100],
