@@ -17,7 +17,7 @@ import pytest
 from django.db import connection, transaction
 from django.db.models.functions import Now
 
-from generations.api import generation_json
+from generations.api import OUTPUT, generation_json
 from generations.models import Generation
 from tests.factories import make_api_key, make_generation
 from tests.receiver import Receiver
@@ -106,13 +106,17 @@ def test_emits_one_statement_writes_what_the_orm_and_deliver_defer_would(key):
         "next_attempt_at": row.created_at
     }
     assert (row.state, row.attempts, row.last_status) == ("pending", 0, "")
-    # No payload yet: the job as the transition left it, whole.
+    # No payload yet: the job as the transition left it, but for what its
+    # owner never sees.
     assert row.payload is None
     with connection.cursor() as cursor:
         cursor.execute(
             "SELECT to_jsonb(g) FROM generations g WHERE id = %s", [row.generation_id]
         )
-        assert row.snapshot == json.loads(cursor.fetchone()[0])
+        whole = json.loads(cursor.fetchone()[0])
+    seen = {Generation._meta.get_field(name).column for name in OUTPUT}
+    assert {"lease_token", "claimed_by", "idempotency_key"} <= set(whole) - seen
+    assert row.snapshot == {k: v for k, v in whole.items() if k in seen}
     body = json.loads(services.delivery_payload(row))
     assert (body["type"], body["data"]) == (
         "generation.completed",

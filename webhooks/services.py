@@ -125,7 +125,8 @@ def _signing(current: str, previous: str | None, overlapping: bool | None) -> li
 # statement that reads them back defines ``g``): for each job whose webhook
 # wants ``event`` — the one place that rule is written (SPEC §10: the
 # job's ``webhook_events_filter``; jobs without a key have none) — a
-# delivery row with the job's row as its snapshot, and its procrastinate
+# delivery row with the job's row as its snapshot (but for the columns its
+# owner never sees, ``_unseen_columns``), and its procrastinate
 # job through procrastinate's own SQL function,
 # ``procrastinate_defer_jobs_v1`` (what ``deliver.defer()`` runs, so its
 # triggers fire as they would), with the values of the job procrastinate's
@@ -140,7 +141,8 @@ d AS (
     INSERT INTO webhook_deliveries
         (id, generation_id, event, url, snapshot, state, attempts, last_status,
          next_attempt_at)
-    SELECT gen_random_uuid(), g.id, %(event)s, g.webhook, to_jsonb(g),
+    SELECT gen_random_uuid(), g.id, %(event)s, g.webhook,
+           to_jsonb(g) - %(unseen)s::text[],
            %(pending)s, 0, '', STATEMENT_TIMESTAMP()
     FROM g
     WHERE g.webhook <> '' AND g.api_key_id IS NOT NULL
@@ -168,6 +170,20 @@ def _columns() -> str:
         connection.ops.quote_name(field.column)
         for field in Generation._meta.concrete_fields
     )
+
+
+@functools.cache
+def _unseen_columns() -> list[str]:
+    """The job's columns that are not in its owner's view (the lease token,
+    the worker's name, the idempotency key…): the snapshot leaves them out."""
+    from generations.api import OUTPUT
+    from generations.models import Generation
+
+    return [
+        field.column
+        for field in Generation._meta.concrete_fields
+        if field.name not in OUTPUT
+    ]
 
 
 def _outbox_sql(where: str, select: str) -> str:
@@ -215,6 +231,7 @@ def _outbox_params(event: str) -> dict[str, Any]:
     return {
         "event": event,
         "filter_name": FILTER_NAME_OF_EVENT[event],
+        "unseen": _unseen_columns(),
         "pending": DeliveryState.PENDING,
         "queue": job.queue,
         "task": job.task_name,
