@@ -15,6 +15,7 @@ from collections.abc import Collection, Iterable
 from django.db import connection
 
 from generations.models import Generation
+from webhooks.services import emit, emit_reading
 
 STARTED = "generation.start"  # a job's first claim
 FINISHED = "generation.completed"  # completed, failed or cancelled
@@ -30,10 +31,6 @@ def announce(generations: Iterable[Generation], event: str) -> None:
 def announce_ids(pks: Collection[uuid.UUID], event: str) -> None:
     """``announce`` by id, for jobs known to have a webhook (a job without one
     gets nothing; leaving it out saves the statement)."""
-    # Imported here: webhooks' payload is generations.api's JSON, whose
-    # module imports the services that call this.
-    from webhooks.services import emit
-
     if pks:
         emit(pks, event)
 
@@ -46,6 +43,4 @@ def read_announcing(pk: uuid.UUID, event: str) -> Generation:
         generation = Generation.objects.get(pk=pk)
         announce([generation], event)
         return generation
-    from webhooks.services import emit_reading
-
     return emit_reading(pk, event)

@@ -194,6 +194,7 @@ def test_the_payload_made_from_a_snapshot_is_the_owners_view_of_the_row(key):
         guidance=0.1,
         seed=2**53 + 1,
         negative_prompt=None,
+        model="flux",
     )
     Generation.objects.filter(pk=generation.pk).update(
         started_at=datetime(2026, 12, 2, 9, 0, tzinfo=UTC),
@@ -208,8 +209,24 @@ def test_the_payload_made_from_a_snapshot_is_the_owners_view_of_the_row(key):
         "data": generation_json(job),
     }
     # A column the snapshot lacks (one added after it was taken): its default.
-    del row.snapshot["thumbnail_path"]
-    assert json.loads(services.delivery_payload(row))["data"]["thumbnail_path"] is None
+    assert row.snapshot["model"] == "flux"
+    del row.snapshot["model"]
+    assert json.loads(services.delivery_payload(row))["data"]["model"] == "sdxl"
+
+
+def test_an_attempt_sends_the_payload_kept_before_it_and_keeps_it(key, receiver):
+    """An attempt that finds a payload kept already (another attempt made it
+    first) sends those bytes and does not replace them."""
+    row = emitted(make_generation(api_key=key), url=receiver.url)
+    kept = services.delivery_payload(row).replace('"queued"', '"kept"')
+    WebhookDelivery.objects.filter(pk=row.pk).update(payload=kept)
+
+    assert services.delivery_attempt(delivery_id=row.pk).state == "delivered"
+
+    (got,) = receiver.wait_for(1)
+    assert got.body.decode() == kept
+    row.refresh_from_db()
+    assert (row.payload, row.snapshot) == (kept, None)
 
 
 def test_emit_refuses_to_run_outside_a_transaction(key):
@@ -279,8 +296,9 @@ def test_a_delivery_is_signed_and_carries_the_owners_view_of_the_job(key, receiv
     assert body["type"] == "generation.completed"
     assert body["data"] == generation_json(generation)
     assert "claimed_by" not in body["data"] and "lease_token" not in body["data"]
-    assert got.body.decode() == WebhookDelivery.objects.get().payload
     row.refresh_from_db()
+    # The body it sent is kept; the snapshot it was made from is gone.
+    assert (row.payload, row.snapshot) == (got.body.decode(), None)
     assert (row.state, row.attempts, row.last_status) == ("delivered", 1, "200")
     assert row.delivered_at is not None and row.next_attempt_at is None
 
@@ -425,6 +443,10 @@ def test_redeliver_makes_one_more_attempt_with_the_same_id(key, settings):
     try:
         row = emitted(make_generation(api_key=key), url=receiver.url)
         assert services.delivery_attempt(delivery_id=row.pk).state == "failed"
+        # A failed first attempt keeps the body it sent too.
+        (first,) = receiver.wait_for(1)
+        row.refresh_from_db()
+        assert (row.payload, row.snapshot) == (first.body.decode(), None)
         jobs = queued_jobs()
         row = services.delivery_redeliver(delivery=row)
         assert row.state == "pending" and row.next_attempt_at is None
@@ -476,6 +498,9 @@ def test_a_failed_attempt_never_unfinishes_a_delivery_finished_meanwhile(key, se
         receiver.stop()
     assert (result.state, result.retry_at) == ("delivered", None)
     assert (row.state, row.attempts, row.next_attempt_at) == ("delivered", 1, None)
+    # The redelivery in this test wrote no payload; this attempt keeps its own.
+    (got,) = receiver.received
+    assert (row.payload, row.snapshot) == (got.body.decode(), None)
 
 
 # --- The guard at send time ---------------------------------------------------

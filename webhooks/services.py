@@ -18,8 +18,8 @@ import random
 import uuid
 from collections.abc import Collection
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from datetime import datetime, timedelta
+from typing import Any
 
 from django.conf import settings
 from django.db import connection, transaction
@@ -29,6 +29,7 @@ from procrastinate.jobs import Job
 from psycopg.types.json import Jsonb
 
 from apikeys.models import ApiKey
+from generations.models import Generation
 from lockngen.rows import fetch_all_prepared
 from webhooks import delivery, guard
 from webhooks.models import (
@@ -39,9 +40,6 @@ from webhooks.models import (
     WebhookSecret,
 )
 from webhooks.wake import QUEUE, wake_after_commit
-
-if TYPE_CHECKING:
-    from generations.models import Generation
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +122,8 @@ def _signing(current: str, previous: str | None, overlapping: bool | None) -> li
 # The outbox as SQL over ``g``, the jobs a transition just wrote (the
 # statement that reads them back defines ``g``): for each job whose webhook
 # wants ``event`` — the one place that rule is written (SPEC §10: the
-# job's ``webhook_events_filter``; jobs without a key have none) — a
+# job's ``webhook_events_filter``; jobs without a key have none; callers
+# may leave out jobs without a webhook, to save the statement) — a
 # delivery row with the job's row as its snapshot (but for the columns its
 # owner never sees, ``_unseen_columns``), and its procrastinate
 # job through procrastinate's own SQL function,
@@ -164,8 +163,6 @@ j AS (
 
 @functools.cache
 def _columns() -> str:
-    from generations.models import Generation
-
     return ", ".join(
         connection.ops.quote_name(field.column)
         for field in Generation._meta.concrete_fields
@@ -176,8 +173,8 @@ def _columns() -> str:
 def _unseen_columns() -> list[str]:
     """The job's columns that are not in its owner's view (the lease token,
     the worker's name, the idempotency key…): the snapshot leaves them out."""
+    # Imported here: generations.api imports the services that call emit.
     from generations.api import OUTPUT
-    from generations.models import Generation
 
     return [
         field.column
@@ -258,7 +255,7 @@ def emit(generation_ids: Collection[uuid.UUID], event: str) -> list[uuid.UUID]:
         return []
     ((deliveries, jobs),) = rows
     wake_after_commit(jobs[0])
-    logger.debug("webhooks queued: %s of %s", event, generation_ids)
+    logger.debug("webhooks queued: %s, deliveries %s", event, deliveries)
     return deliveries
 
 
@@ -266,8 +263,6 @@ def emit_reading(pk: uuid.UUID, event: str) -> Generation:
     """The job ``pk`` read back after its transition, in the statement that
     emits ``event`` for it (``emit``): one round trip for a transition with
     or without a webhook. Same rules as ``emit``."""
-    from generations.models import Generation
-
     params = _outbox_params(event) | {"id": pk}
     ((*values, jobs),) = fetch_all_prepared(_read_sql(), params)
     if jobs:
@@ -277,8 +272,6 @@ def emit_reading(pk: uuid.UUID, event: str) -> Generation:
 
 @functools.cache
 def _generation_attnames() -> tuple[str, ...]:
-    from generations.models import Generation
-
     return tuple(field.attname for field in Generation._meta.concrete_fields)
 
 
@@ -287,17 +280,15 @@ def _generation_attnames() -> tuple[str, ...]:
 
 def _job_at_event(snapshot: dict[str, Any]) -> Generation:
     """The job as its snapshot (``to_jsonb`` of its row) holds it, each value
-    through its field's ``to_python``; datetimes in UTC, as the database
-    connection reads them. A column the snapshot lacks (added later) takes
-    the field's default."""
-    from generations.models import Generation
-
+    through its field's ``to_python``; datetimes in the connection's time
+    zone (UTC), as the ORM reads them. A column the snapshot lacks (one
+    added later) takes the field's default."""
     values = {}
     for field in Generation._meta.concrete_fields:
         if field.column in snapshot:
             value = field.to_python(snapshot[field.column])
             if isinstance(value, datetime):
-                value = value.astimezone(UTC)
+                value = value.astimezone(connection.timezone)
             values[field.attname] = value
     return Generation(**values)
 
@@ -459,6 +450,13 @@ def _record_finished(
     return AttemptResult(state=state, retry_at=None)
 
 
+def _payload_kept(body: str) -> dict[str, Any]:
+    """The attempt's body kept as the delivery's payload, unless an attempt
+    kept one first (the same bytes: one snapshot); the snapshot is done with.
+    ``FINISHED_SQL`` says the same in SQL."""
+    return {"payload": Coalesce("payload", Value(body)), "snapshot": None}
+
+
 @transaction.atomic
 def _record_failure(
     delivery_id: uuid.UUID, body: str, outcome: delivery.Outcome, *, redelivery: bool
@@ -476,8 +474,8 @@ def _record_failure(
         # Another attempt (a redelivery) finished it while this one was on
         # the wire: counted, but neither un-finished nor scheduled again.
         WebhookDelivery.objects.filter(pk=delivery_id).update(
-            attempts=F("attempts") + 1, last_attempt_at=Now()
-        )  # finished: its payload is kept already
+            **_payload_kept(body), attempts=F("attempts") + 1, last_attempt_at=Now()
+        )
         _log_attempt(delivery_id, attempts, outcome, row["state"])
         return AttemptResult(state=row["state"], retry_at=None)
     if redelivery:
@@ -492,8 +490,7 @@ def _record_failure(
         else:
             state, next_at = DeliveryState.PENDING, Now() + timedelta(seconds=delay)
     WebhookDelivery.objects.filter(pk=delivery_id).update(
-        payload=Coalesce("payload", Value(body)),
-        snapshot=None,
+        **_payload_kept(body),
         attempts=F("attempts") + 1,
         last_attempt_at=Now(),
         last_status=outcome.status[:100],
