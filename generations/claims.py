@@ -54,7 +54,7 @@ from generations.models import (
     Status,
     transition_values,
 )
-from lockngen.rows import fetch_all_prepared
+from lockngen.rows import fetch_all_prepared, from_row
 
 logger = logging.getLogger(__name__)
 
@@ -225,9 +225,6 @@ def claim_sql(*, routed: bool, max_jobs: int) -> str:
     )
 
 
-_ATTNAMES = tuple(f.attname for f in Generation._meta.concrete_fields)
-
-
 def generation_claim(
     *,
     max_jobs: int = 1,
@@ -301,7 +298,7 @@ def _run_claim(
     claimed: list[Generation] = []
     failed: list[Generation] = []
     for is_claimed, *values in fetch_all_prepared(sql, params):
-        job = Generation.from_db(connection.alias, _ATTNAMES, values)
+        job = from_row(Generation, values)
         (claimed if is_claimed else failed).append(job)
     return claimed, failed
 

@@ -43,14 +43,29 @@ STALE_PLAN = "cached plan must not change result type"
 
 
 @functools.cache
-def _select(model: type[Model], where: str) -> tuple[str, tuple[str, ...]]:
+def columns(model: type[Model]) -> str:
+    """Every concrete column of ``model``, quoted, in field order: what a
+    fixed statement reads or returns for ``from_row``."""
     quote = connections[DEFAULT_DB_ALIAS].ops.quote_name
-    fields = model._meta.concrete_fields
-    columns = ", ".join(quote(field.column) for field in fields)
-    table = quote(model._meta.db_table)
+    return ", ".join(quote(field.column) for field in model._meta.concrete_fields)
+
+
+@functools.cache
+def _attnames(model: type[Model]) -> tuple[str, ...]:
+    return tuple(field.attname for field in model._meta.concrete_fields)
+
+
+def from_row(model: type[M], row: Sequence[Any]) -> M:
+    """An instance of ``model`` from a row of its ``columns``, as the ORM
+    builds one (``Model.from_db``)."""
+    return model.from_db(DEFAULT_DB_ALIAS, _attnames(model), row)
+
+
+@functools.cache
+def _select(model: type[Model], where: str) -> str:
+    table = connections[DEFAULT_DB_ALIAS].ops.quote_name(model._meta.db_table)
     # ``where`` is a constant of the caller's; values only ever go as parameters.
-    sql = f"SELECT {columns} FROM {table} WHERE {where} LIMIT 1"  # noqa: S608
-    return sql, tuple(field.attname for field in fields)
+    return f"SELECT {columns(model)} FROM {table} WHERE {where} LIMIT 1"  # noqa: S608
 
 
 def fetch_one(model: type[M], where: str, params: Sequence[Any]) -> M | None:
@@ -63,9 +78,8 @@ def fetch_one(model: type[M], where: str, params: Sequence[Any]) -> M | None:
     PostgreSQL for these models' field types (uuid, text, integer, real,
     boolean, timestamptz): no converters run.
     """
-    sql, attnames = _select(model, where)
-    rows = fetch_all_prepared(sql, params)
-    return model.from_db(DEFAULT_DB_ALIAS, attnames, rows[0]) if rows else None
+    rows = fetch_all_prepared(_select(model, where), params)
+    return from_row(model, rows[0]) if rows else None
 
 
 # What ``_defaults`` says of a column: its value must be sent (``_SEND``), or
@@ -115,16 +129,13 @@ def _left_out(value: Any, filled: Any) -> bool:
 
 
 @functools.lru_cache(maxsize=256)
-def _insert(model: type[Model], sent: tuple[Field, ...]) -> tuple[str, tuple[str, ...]]:
+def _insert(model: type[Model], sent: tuple[Field, ...]) -> str:
     quote = connections[DEFAULT_DB_ALIAS].ops.quote_name
-    every = model._meta.concrete_fields
-    columns = ", ".join(quote(field.column) for field in sent)
+    names = ", ".join(quote(field.column) for field in sent)
     placeholders = ", ".join(["%s"] * len(sent))
-    values = f"({columns}) VALUES ({placeholders})" if sent else "DEFAULT VALUES"
-    returning = ", ".join(quote(field.column) for field in every)
+    values = f"({names}) VALUES ({placeholders})" if sent else "DEFAULT VALUES"
     table = quote(model._meta.db_table)
-    sql = f"INSERT INTO {table} {values} RETURNING {returning}"  # noqa: S608
-    return sql, tuple(field.attname for field in every)
+    return f"INSERT INTO {table} {values} RETURNING {columns(model)}"  # noqa: S608
 
 
 def insert_one(instance: M) -> M:
@@ -154,14 +165,14 @@ def insert_one(instance: M) -> M:
         if not _left_out(value, filled):
             fields.append(field)
             values.append(value)
-    sql, attnames = _insert(model, tuple(fields))
+    sql = _insert(model, tuple(fields))
     connection = connections[DEFAULT_DB_ALIAS]
     params = [
         field.get_db_prep_save(value, connection)
         for field, value in zip(fields, values, strict=True)
     ]
     (row,) = fetch_all_prepared(sql, params)
-    return model.from_db(connection.alias, attnames, row)
+    return from_row(model, row)
 
 
 @async_unsafe

@@ -30,7 +30,7 @@ from psycopg.types.json import Jsonb
 
 from apikeys.models import ApiKey
 from generations.models import Generation
-from lockngen.rows import fetch_all_prepared
+from lockngen.rows import columns, fetch_all_prepared, from_row
 from webhooks import delivery, guard
 from webhooks.models import (
     EVENT_BY_FILTER_NAME,
@@ -162,14 +162,6 @@ j AS (
 
 
 @functools.cache
-def _columns() -> str:
-    return ", ".join(
-        connection.ops.quote_name(field.column)
-        for field in Generation._meta.concrete_fields
-    )
-
-
-@functools.cache
 def _unseen_columns() -> list[str]:
     """The job's columns that are not in its owner's view (the lease token,
     the worker's name, the idempotency key…): the snapshot leaves them out."""
@@ -186,9 +178,9 @@ def _unseen_columns() -> list[str]:
 def _outbox_sql(where: str, select: str) -> str:
     """The jobs ``where`` matches as ``g``, the outbox over them, then
     ``select`` (constants of this module's; values are parameters)."""
-    columns = _columns()
-    sql = f"WITH g AS (SELECT {columns} FROM generations WHERE {where}),{_OUTBOX}"  # noqa: S608
-    return f"{sql} {select.format(columns=columns)}"
+    read = columns(Generation)
+    sql = f"WITH g AS (SELECT {read} FROM generations WHERE {where}),{_OUTBOX}"  # noqa: S608
+    return f"{sql} {select.format(columns=read)}"
 
 
 @functools.cache
@@ -224,6 +216,13 @@ def _outbox_params(event: str) -> dict[str, Any]:
         raise WebhooksUnavailable
     if not connection.in_atomic_block:
         raise RuntimeError("emit() must run inside the transition's transaction")
+    return _outbox_constants(event)
+
+
+@functools.cache
+def _outbox_constants(event: str) -> dict[str, Any]:
+    """The outbox statement's parameters but the jobs': the same for every
+    transition of one event while the process runs (callers copy it)."""
     job = _first_attempt_job()
     return {
         "event": event,
@@ -267,12 +266,7 @@ def emit_reading(pk: uuid.UUID, event: str) -> Generation:
     ((*values, jobs),) = fetch_all_prepared(_read_sql(), params)
     if jobs:
         wake_after_commit(jobs[0])
-    return Generation.from_db(connection.alias, _generation_attnames(), values)
-
-
-@functools.cache
-def _generation_attnames() -> tuple[str, ...]:
-    return tuple(field.attname for field in Generation._meta.concrete_fields)
+    return from_row(Generation, values)
 
 
 # --- The payload --------------------------------------------------------------
@@ -312,12 +306,12 @@ def render_payload(generation: Generation, event: str) -> str:
 def delivery_payload(delivery: WebhookDelivery) -> str:
     """What the delivery sends: the payload kept by its first attempt, or
     rendered from the job's snapshot before that."""
-    if delivery.payload is not None:
-        return delivery.payload
-    return _rendered(delivery.event, delivery.snapshot)
+    return _body(delivery.event, delivery.payload, delivery.snapshot)
 
 
-def _rendered(event: str, snapshot: Any) -> str:
+def _body(event: str, payload: str | None, snapshot: Any) -> str:
+    if payload is not None:
+        return payload
     if isinstance(snapshot, str):  # jsonb read on a cursor comes as text
         snapshot = json.loads(snapshot)
     return render_payload(_job_at_event(snapshot), event)
@@ -412,8 +406,7 @@ def delivery_attempt(
     ) = row
     if not redelivery and state != DeliveryState.PENDING:
         return None
-    if body is None:  # the first attempt: the payload is made now, and kept
-        body = _rendered(event, snapshot)
+    body = _body(event, body, snapshot)  # the first attempt makes it, and keeps it
     if current is None:  # the key's first delivery: its secret is made now
         current = webhook_secret_get(api_key=ApiKey.objects.get(pk=api_key_id)).current
     outcome = delivery.attempt(
